@@ -1,0 +1,219 @@
+//! Where models come from and go to: an HF directory, a `.gguf` file, or a repo id in the local
+//! Hugging Face cache; saved back as an HF directory that transformers loads.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::io::{read_json, write_json, StagedDir};
+use crate::model::config::{token_id_list, ModelConfig};
+use crate::model::gguf::GgufFile;
+use crate::model::weights::read_hf_weights;
+use crate::model::CausalLm;
+use crate::tokenize::Tokenizer;
+
+/// A model with what travels with it.
+pub struct Checkpoint {
+    pub model: CausalLm,
+    pub tokenizer: Option<Tokenizer>,
+    /// generation_config.json, when there is one.
+    pub generation_config: Option<Value>,
+    pub source: PathBuf,
+}
+
+pub enum Source {
+    HfDir(PathBuf),
+    Gguf(PathBuf),
+}
+
+/// Resolves a user-given model path: directory, `.gguf` file, or `org/name` in the HF cache.
+pub fn resolve(spec: &str) -> Result<Source> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        if !p.join("config.json").exists() {
+            bail!("{}: not a model directory (no config.json)", p.display());
+        }
+        return Ok(Source::HfDir(p.to_path_buf()));
+    }
+    if p.is_file() {
+        if spec.ends_with(".gguf") || is_gguf(p) {
+            return Ok(Source::Gguf(p.to_path_buf()));
+        }
+        bail!("{}: not a .gguf file or a model directory", p.display());
+    }
+    if let Some(dir) = find_in_hf_cache(spec)? {
+        return Ok(Source::HfDir(dir));
+    }
+    bail!(
+        "model `{spec}` not found: not a directory, not a .gguf file, and not in the local Hugging Face cache ({}); rlhf never downloads",
+        hf_cache_dir().display()
+    )
+}
+
+fn is_gguf(p: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+}
+
+/// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hf_cache_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("HF_HUB_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Ok(d) = std::env::var("HF_HOME") {
+        return PathBuf::from(d).join("hub");
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    PathBuf::from(home).join(".cache/huggingface/hub")
+}
+
+/// The snapshot of `org/name` that `refs/main` points to (or the only snapshot there is).
+fn find_in_hf_cache(repo_id: &str) -> Result<Option<PathBuf>> {
+    if repo_id.split('/').count() > 2 || repo_id.is_empty() {
+        return Ok(None);
+    }
+    let repo = hf_cache_dir().join(format!("models--{}", repo_id.replace('/', "--")));
+    if !repo.is_dir() {
+        return Ok(None);
+    }
+    let snapshots = repo.join("snapshots");
+    if let Ok(hash) = std::fs::read_to_string(repo.join("refs/main")) {
+        let dir = snapshots.join(hash.trim());
+        if dir.join("config.json").exists() {
+            return Ok(Some(dir));
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .with_context(|| format!("cannot list {}", snapshots.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("config.json").exists())
+        .collect();
+    match found.len() {
+        0 => bail!("{}: no snapshot with a config.json", repo.display()),
+        1 => Ok(found.pop()),
+        _ => bail!("{}: several snapshots and no refs/main; pass the snapshot directory", repo.display()),
+    }
+}
+
+impl Checkpoint {
+    /// Loads model (and tokenizer when present). `trainable` makes every weight a variable.
+    pub fn load(spec: &str, trainable: bool) -> Result<Self> {
+        match resolve(spec)? {
+            Source::HfDir(dir) => {
+                let config = ModelConfig::from_file(&dir.join("config.json"))?;
+                let weights = read_hf_weights(&dir)?;
+                let model = CausalLm::from_weights(config, weights, trainable)
+                    .with_context(|| format!("{}", dir.display()))?;
+                let tokenizer = if dir.join("tokenizer.json").exists() {
+                    Some(Tokenizer::from_hf_dir(&dir)?)
+                } else {
+                    None
+                };
+                let gen_path = dir.join("generation_config.json");
+                let generation_config = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
+                Ok(Checkpoint { model, tokenizer, generation_config, source: dir })
+            }
+            Source::Gguf(path) => {
+                let g = GgufFile::open(&path)?;
+                let config = g.config().with_context(|| format!("{}", path.display()))?;
+                let weights = g.weights(&path, &config)?;
+                let model = CausalLm::from_weights(config, weights, trainable)
+                    .with_context(|| format!("{}", path.display()))?;
+                let tokenizer = Tokenizer::from_gguf(&g).with_context(|| format!("{}", path.display()))?;
+                let c = &model.config;
+                let mut gen = json!({});
+                if let Some(b) = c.bos_token_id {
+                    gen["bos_token_id"] = json!(b);
+                }
+                if !c.eos_token_ids.is_empty() {
+                    gen["eos_token_id"] = json!(c.eos_token_ids[0]);
+                }
+                Ok(Checkpoint { model, tokenizer: Some(tokenizer), generation_config: Some(gen), source: path })
+            }
+        }
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer
+            .as_ref()
+            .with_context(|| format!("{}: the model has no tokenizer", self.source.display()))
+    }
+
+    /// Token ids that end a generation: generation_config's eos ids, config.json's, and the
+    /// tokenizer's eos token.
+    pub fn stop_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.model.config.eos_token_ids.clone();
+        if let Some(g) = &self.generation_config {
+            ids.extend(token_id_list(g.get("eos_token_id")));
+        }
+        if let Some(t) = &self.tokenizer {
+            if let Some(id) = t.eos_token.as_deref().and_then(|e| t.token_id(e)) {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Writes an HF directory (config.json, model.safetensors, tokenizer files,
+    /// generation_config.json) atomically: `out` appears only once everything is written.
+    pub fn save(&self, out: &Path) -> Result<PathBuf> {
+        let staged = StagedDir::new(out)?;
+        save_model_files(&self.model, staged.path())?;
+        if let Some(t) = &self.tokenizer {
+            t.save(staged.path())?;
+        }
+        if let Some(g) = &self.generation_config {
+            write_json(&staged.path().join("generation_config.json"), g)?;
+        }
+        staged.commit()
+    }
+}
+
+/// config.json (marked float32) and model.safetensors.
+pub fn save_model_files(model: &CausalLm, dir: &Path) -> Result<()> {
+    let mut config = model.config.raw.clone();
+    if config.get("dtype").is_some() {
+        config["dtype"] = json!("float32");
+    } else {
+        config["torch_dtype"] = json!("float32");
+    }
+    write_json(&dir.join("config.json"), &config)?;
+    let tensors: Vec<(String, Tensor)> = model
+        .state_dict()?
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let path = dir.join("model.safetensors");
+    let views: Vec<(String, candle_core::Tensor)> = tensors;
+    safetensors::serialize_to_file(
+        views.iter().map(|(n, t)| (n.as_str(), TensorView(t))),
+        Some(meta),
+        &path,
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Adapter from a contiguous f32 candle tensor to safetensors' `View`.
+struct TensorView<'a>(&'a Tensor);
+
+impl safetensors::View for TensorView<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.0.dims()
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        let v: Vec<f32> = self.0.flatten_all().and_then(|t| t.to_vec1()).unwrap_or_default();
+        std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.0.elem_count() * 4
+    }
+}

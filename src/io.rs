@@ -1,0 +1,73 @@
+//! Small file helpers: JSON writing and all-or-nothing output directories.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
+}
+
+/// An output directory that appears only when complete: files are written into a hidden sibling
+/// and renamed into place by `commit`. Dropped uncommitted, the partial directory is removed.
+pub struct StagedDir {
+    staging: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl StagedDir {
+    pub fn new(target: &Path) -> Result<Self> {
+        if target.exists() {
+            let empty = target.is_dir()
+                && std::fs::read_dir(target).map(|mut d| d.next().is_none()).unwrap_or(false);
+            if !empty {
+                bail!("output {} already exists; choose another path or remove it", target.display());
+            }
+        }
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !parent.exists() {
+            std::fs::create_dir_all(&parent)
+                .with_context(|| format!("cannot create directory {}", parent.display()))?;
+        }
+        let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).ok();
+        }
+        std::fs::create_dir(&staging)
+            .with_context(|| format!("cannot write to {} (is it writable?)", parent.display()))?;
+        Ok(StagedDir { staging, target: target.to_path_buf(), committed: false })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.staging
+    }
+
+    pub fn commit(mut self) -> Result<PathBuf> {
+        if self.target.exists() {
+            std::fs::remove_dir(&self.target)
+                .with_context(|| format!("cannot replace {}", self.target.display()))?;
+        }
+        std::fs::rename(&self.staging, &self.target)
+            .with_context(|| format!("cannot move output into {}", self.target.display()))?;
+        self.committed = true;
+        Ok(self.target.clone())
+    }
+}
+
+impl Drop for StagedDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            std::fs::remove_dir_all(&self.staging).ok();
+        }
+    }
+}

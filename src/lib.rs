@@ -1,0 +1,8 @@
+//! rlhf: align language models with feedback — SFT, reward models, PPO(-ptx) and DPO — on real
+//! Hugging Face checkpoints, CPU first.
+
+pub mod model;
+pub mod ops;
+pub mod io;
+pub mod tokenize;
+pub mod checkpoint;

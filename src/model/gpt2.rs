@@ -1,0 +1,180 @@
+//! GPT-2 in one file: learned absolute positions, pre-norm LayerNorm blocks, fused QKV projection
+//! and a GELU MLP. transformers stores its projections as Conv1D ([in, out]); we keep torch.nn.Linear's
+//! [out, in] and transpose on load and save.
+
+use anyhow::Result;
+use candle_core::{Tensor, D};
+
+use super::config::ModelConfig;
+use super::linear::Linear;
+use super::weights::WeightMap;
+use super::{KvCache, ParamCollector, StepInputs};
+use crate::ops;
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+struct Block {
+    ln_1: Norm,
+    c_attn: Linear,
+    c_proj: Linear,
+    ln_2: Norm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+pub struct Gpt2 {
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    lm_head: Option<Tensor>,
+}
+
+/// Conv1D weights whose layout differs from torch.nn.Linear.
+fn is_conv1d(name: &str) -> bool {
+    name.ends_with("attn.c_attn.weight")
+        || name.ends_with("attn.c_proj.weight")
+        || name.ends_with("mlp.c_fc.weight")
+        || name.ends_with("mlp.c_proj.weight")
+}
+
+impl Gpt2 {
+    pub fn load(cfg: &ModelConfig, w: &mut WeightMap, pc: &mut ParamCollector) -> Result<Self> {
+        let (d, v, f, npos) =
+            (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.max_position_embeddings);
+        let prefix = if w.contains("transformer.wte.weight") { "transformer." } else { "" };
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let full = format!("{prefix}{name}");
+            let t = if is_conv1d(name) {
+                let stored = [shape[1], shape[0]];
+                w.take(&full, &stored)?.t()?.contiguous()?
+            } else {
+                w.take(&full, shape)?
+            };
+            Ok(pc.add(&format!("transformer.{name}"), t)?)
+        };
+        let wte = get("wte.weight", &[v, d])?;
+        let wpe = get("wpe.weight", &[npos, d])?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("h.{i}");
+            let mut norm = |name: &str| -> Result<Norm> {
+                Ok(Norm {
+                    weight: get(&format!("{p}.{name}.weight"), &[d])?,
+                    bias: get(&format!("{p}.{name}.bias"), &[d])?,
+                })
+            };
+            let ln_1 = norm("ln_1")?;
+            let ln_2 = norm("ln_2")?;
+            let mut linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+                Ok(Linear {
+                    weight: get(&format!("{p}.{name}.weight"), &[out, inp])?,
+                    bias: Some(get(&format!("{p}.{name}.bias"), &[out])?),
+                })
+            };
+            blocks.push(Block {
+                ln_1,
+                c_attn: linear("attn.c_attn", 3 * d, d)?,
+                c_proj: linear("attn.c_proj", d, d)?,
+                ln_2,
+                c_fc: linear("mlp.c_fc", f, d)?,
+                mlp_proj: linear("mlp.c_proj", d, f)?,
+            });
+        }
+        let ln_f = Norm { weight: get("ln_f.weight", &[d])?, bias: get("ln_f.bias", &[d])? };
+        for i in 0..cfg.num_layers {
+            // Causal-mask buffers that old checkpoints carry.
+            w.remove(&format!("{prefix}h.{i}.attn.bias"));
+            w.remove(&format!("{prefix}h.{i}.attn.masked_bias"));
+        }
+        let lm_head = if cfg.tie_word_embeddings {
+            w.remove("lm_head.weight");
+            None
+        } else {
+            let t = w.take("lm_head.weight", &[v, d])?;
+            Some(pc.add("lm_head.weight", t)?)
+        };
+        Ok(Gpt2 { wte, wpe, blocks, ln_f, lm_head })
+    }
+
+    pub fn forward_hidden(
+        &self,
+        cfg: &ModelConfig,
+        inp: &StepInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = inp.ids.dims2()?;
+        let (h, hd, d) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+        let pos: Vec<u32> = inp.position_ids.iter().flatten().copied().collect();
+        if let Some(&p) = pos.iter().find(|&&p| p as usize >= cfg.max_position_embeddings) {
+            candle_core::bail!(
+                "position {p} is beyond GPT-2's {} learned positions (n_positions)",
+                cfg.max_position_embeddings
+            );
+        }
+        let pos = Tensor::from_vec(pos, b * t, inp.ids.device())?;
+        let tok = self.wte.index_select(&inp.ids.flatten_all()?, 0)?;
+        let mut x = (tok + self.wpe.index_select(&pos, 0)?)?.reshape((b, t, d))?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let hn = ops::layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
+            let qkv = blk.c_attn.forward(&hn)?;
+            let split = |j: usize| -> candle_core::Result<Tensor> {
+                qkv.narrow(D::Minus1, j * d, d)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let mut scale = 1.0 / (hd as f64).sqrt();
+            if cfg.scale_attn_by_inverse_layer_idx {
+                scale /= (i + 1) as f64;
+            }
+            let a = ops::attention(&q, &k, &v, &inp.attn_bias, scale)?;
+            x = (x + blk.c_proj.forward(&a)?)?;
+            let hn = ops::layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
+            let m = ops::activation(&blk.c_fc.forward(&hn)?, cfg.activation)?;
+            x = (x + blk.mlp_proj.forward(&m)?)?;
+        }
+        ops::layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, cfg.norm_eps)
+    }
+
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// Tensors under transformers' GPT2LMHeadModel names, Conv1D weights back in [in, out].
+    pub fn state_dict(&self, cfg: &ModelConfig) -> candle_core::Result<Vec<(String, Tensor)>> {
+        let mut out = vec![
+            ("transformer.wte.weight".to_string(), self.wte.clone()),
+            ("transformer.wpe.weight".to_string(), self.wpe.clone()),
+        ];
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            out.push((format!("{p}.ln_1.weight"), blk.ln_1.weight.clone()));
+            out.push((format!("{p}.ln_1.bias"), blk.ln_1.bias.clone()));
+            for (name, l) in [
+                ("attn.c_attn", &blk.c_attn),
+                ("attn.c_proj", &blk.c_proj),
+                ("mlp.c_fc", &blk.c_fc),
+                ("mlp.c_proj", &blk.mlp_proj),
+            ] {
+                out.push((format!("{p}.{name}.weight"), l.weight.t()?.contiguous()?));
+                if let Some(b) = &l.bias {
+                    out.push((format!("{p}.{name}.bias"), b.clone()));
+                }
+            }
+            out.push((format!("{p}.ln_2.weight"), blk.ln_2.weight.clone()));
+            out.push((format!("{p}.ln_2.bias"), blk.ln_2.bias.clone()));
+        }
+        out.push(("transformer.ln_f.weight".to_string(), self.ln_f.weight.clone()));
+        out.push(("transformer.ln_f.bias".to_string(), self.ln_f.bias.clone()));
+        if let (false, Some(head)) = (cfg.tie_word_embeddings, &self.lm_head) {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,160 @@
+//! The Llama family (Llama, Mistral, Qwen2, SmolLM) in one file: pre-norm decoder blocks with
+//! RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::config::ModelConfig;
+use super::linear::Linear;
+use super::weights::WeightMap;
+use super::{KvCache, ParamCollector, StepInputs};
+use crate::ops;
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Block {
+    attn_norm: Tensor,
+    attn: Attention,
+    mlp_norm: Tensor,
+    mlp: Mlp,
+}
+
+pub struct Llama {
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    /// None when tied to the input embedding.
+    lm_head: Option<Tensor>,
+    inv_freq: Vec<f32>,
+}
+
+impl Llama {
+    pub fn load(cfg: &ModelConfig, w: &mut WeightMap, pc: &mut ParamCollector) -> Result<Self> {
+        let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        // Checkpoints of the bare LlamaModel have no "model." prefix.
+        let prefix = if w.contains("model.embed_tokens.weight") { "model." } else { "" };
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let t = w.take(&format!("{prefix}{name}"), shape)?;
+            Ok(pc.add(&format!("model.{name}"), t)?)
+        };
+        let embed = get("embed_tokens.weight", &[v, d])?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("layers.{i}");
+            let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                Ok(Linear {
+                    weight: get(&format!("{p}.{name}.weight"), &[out, inp])?,
+                    bias: if bias { Some(get(&format!("{p}.{name}.bias"), &[out])?) } else { None },
+                })
+            };
+            let attn = Attention {
+                q: linear("self_attn.q_proj", qd, d, cfg.qkv_bias)?,
+                k: linear("self_attn.k_proj", kvd, d, cfg.qkv_bias)?,
+                v: linear("self_attn.v_proj", kvd, d, cfg.qkv_bias)?,
+                o: linear("self_attn.o_proj", d, qd, cfg.o_bias)?,
+            };
+            let mlp = Mlp {
+                gate: linear("mlp.gate_proj", f, d, cfg.mlp_bias)?,
+                up: linear("mlp.up_proj", f, d, cfg.mlp_bias)?,
+                down: linear("mlp.down_proj", d, f, cfg.mlp_bias)?,
+            };
+            blocks.push(Block {
+                attn_norm: get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                attn,
+                mlp_norm: get(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                mlp,
+            });
+        }
+        let norm = get("norm.weight", &[d])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            w.remove("lm_head.weight");
+            None
+        } else {
+            let t = w.take("lm_head.weight", &[v, d])?;
+            Some(pc.add("lm_head.weight", t)?)
+        };
+        Ok(Llama { embed, blocks, norm, lm_head, inv_freq: super::config::rope_inv_freq(cfg) })
+    }
+
+    /// Final hidden states [B, T, D] (after the last norm).
+    pub fn forward_hidden(
+        &self,
+        cfg: &ModelConfig,
+        inp: &StepInputs,
+        mut cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = inp.ids.dims2()?;
+        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (cos, sin) = ops::rope_tables(&self.inv_freq, &inp.position_ids)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut x = self
+            .embed
+            .index_select(&inp.ids.flatten_all()?, 0)?
+            .reshape((b, t, cfg.hidden_size))?;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let hn = ops::rms_norm(&x, &blk.attn_norm, cfg.norm_eps)?;
+            let heads = |l: &Linear, n: usize| -> candle_core::Result<Tensor> {
+                l.forward(&hn)?.reshape((b, t, n, hd))?.transpose(1, 2)
+            };
+            let q = ops::apply_rope(&heads(&blk.attn.q, h)?, &cos, &sin)?;
+            let k = ops::apply_rope(&heads(&blk.attn.k, kv)?, &cos, &sin)?;
+            let v = heads(&blk.attn.v, kv)?;
+            let (k, v) = match cache.as_deref_mut() {
+                Some(c) => c.append(i, &k, &v)?,
+                None => (k, v),
+            };
+            let a = ops::attention(&q, &k, &v, &inp.attn_bias, scale)?;
+            x = (x + blk.attn.o.forward(&a)?)?;
+            let hn = ops::rms_norm(&x, &blk.mlp_norm, cfg.norm_eps)?;
+            let gate = ops::activation(&blk.mlp.gate.forward(&hn)?, cfg.activation)?;
+            let up = blk.mlp.up.forward(&hn)?;
+            x = (x + blk.mlp.down.forward(&(gate * up)?)?)?;
+        }
+        ops::rms_norm(&x, &self.norm, cfg.norm_eps)
+    }
+
+    /// The unembedding matrix [V, D].
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Tensors under their transformers names and layouts, for saving.
+    pub fn state_dict(&self, cfg: &ModelConfig) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, l: &Linear| {
+                out.push((format!("{p}.{name}.weight"), l.weight.clone()));
+                if let Some(b) = &l.bias {
+                    out.push((format!("{p}.{name}.bias"), b.clone()));
+                }
+            };
+            lin("self_attn.q_proj", &blk.attn.q);
+            lin("self_attn.k_proj", &blk.attn.k);
+            lin("self_attn.v_proj", &blk.attn.v);
+            lin("self_attn.o_proj", &blk.attn.o);
+            lin("mlp.gate_proj", &blk.mlp.gate);
+            lin("mlp.up_proj", &blk.mlp.up);
+            lin("mlp.down_proj", &blk.mlp.down);
+            out.push((format!("{p}.input_layernorm.weight"), blk.attn_norm.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), blk.mlp_norm.clone()));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let (false, Some(head)) = (cfg.tie_word_embeddings, &self.lm_head) {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        out
+    }
+}

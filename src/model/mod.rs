@@ -1,0 +1,197 @@
+//! Our own differentiable decoder models on candle. Knows nothing of algorithms, data or the CLI.
+
+pub mod config;
+pub mod gguf;
+pub mod gpt2;
+pub mod linear;
+pub mod llama;
+pub mod weights;
+
+use anyhow::{bail, Result};
+use candle_core::{Tensor, Var};
+
+use crate::ops;
+use config::{Family, ModelConfig};
+use weights::WeightMap;
+
+/// The inputs of one forward call: token ids [B, T], their position ids, and the additive attention
+/// bias [B, 1, T, S] over all S key positions (cached and current).
+pub struct StepInputs {
+    pub ids: Tensor,
+    pub position_ids: Vec<Vec<u32>>,
+    pub attn_bias: Tensor,
+}
+
+impl StepInputs {
+    /// A whole padded batch at once (no cache). `mask[b][t]` is 1 for real tokens.
+    pub fn from_padded(
+        cfg: &ModelConfig,
+        ids: &[Vec<u32>],
+        mask: &[Vec<u8>],
+    ) -> Result<StepInputs> {
+        let t = ids.first().map_or(0, |r| r.len());
+        check_ids(cfg, ids)?;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        Ok(StepInputs {
+            ids: Tensor::from_vec(flat, (ids.len(), t), &candle_core::Device::Cpu)?,
+            position_ids: ops::position_ids_from_mask(mask),
+            attn_bias: ops::attention_bias(mask, t, cfg.sliding_window)?,
+        })
+    }
+}
+
+/// Rejects token ids outside the vocabulary before they reach an embedding lookup.
+pub fn check_ids(cfg: &ModelConfig, ids: &[Vec<u32>]) -> Result<()> {
+    for row in ids {
+        if let Some(&bad) = row.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+            bail!("token id {bad} is out of the vocabulary (vocab_size {})", cfg.vocab_size);
+        }
+    }
+    Ok(())
+}
+
+/// Keys and values of every layer for the positions seen so far: [B, KV, S, hd] each.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    /// Appends this step's keys and values for `layer`; returns all of them.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (k, v) = match &self.layers[layer] {
+            None => (k.contiguous()?, v.contiguous()?),
+            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+
+    /// Keeps only the given batch rows (used when finished sequences leave a generation batch).
+    pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(rows, 0)?;
+            *v = v.index_select(rows, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Wraps weights as trainable variables (or leaves them as constants for inference, so that no
+/// autograd graph is kept) and remembers them by their transformers name.
+pub struct ParamCollector {
+    trainable: bool,
+    params: Vec<(String, Var)>,
+}
+
+impl ParamCollector {
+    pub fn add(&mut self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        if !self.trainable {
+            return Ok(t);
+        }
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        self.params.push((name.to_string(), var));
+        Ok(out)
+    }
+}
+
+enum Body {
+    Llama(llama::Llama),
+    Gpt2(gpt2::Gpt2),
+}
+
+/// A causal language model of any supported family.
+pub struct CausalLm {
+    pub config: ModelConfig,
+    body: Body,
+    params: Vec<(String, Var)>,
+    /// Checkpoint tensors that no part of the model used (e.g. a classification head).
+    pub unused_tensors: Vec<String>,
+}
+
+impl CausalLm {
+    /// Builds the model from checkpoint tensors. With `trainable`, every weight becomes a `Var`.
+    pub fn from_weights(config: ModelConfig, mut weights: WeightMap, trainable: bool) -> Result<Self> {
+        let mut pc = ParamCollector { trainable, params: vec![] };
+        let body = match config.family {
+            Family::Llama => Body::Llama(llama::Llama::load(&config, &mut weights, &mut pc)?),
+            Family::Gpt2 => Body::Gpt2(gpt2::Gpt2::load(&config, &mut weights, &mut pc)?),
+        };
+        Ok(CausalLm { config, body, params: pc.params, unused_tensors: weights.leftover() })
+    }
+
+    /// Final-norm hidden states [B, T, D].
+    pub fn forward_hidden(&self, inp: &StepInputs, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+        match &self.body {
+            Body::Llama(m) => m.forward_hidden(&self.config, inp, cache),
+            Body::Gpt2(m) => m.forward_hidden(&self.config, inp, cache),
+        }
+    }
+
+    /// The unembedding matrix [V, D] (the input embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        match &self.body {
+            Body::Llama(m) => m.lm_head_weight(),
+            Body::Gpt2(m) => m.lm_head_weight(),
+        }
+    }
+
+    /// Logits [.., V] from hidden states [.., D].
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.lm_head_weight();
+        let dims = hidden.dims().to_vec();
+        let d = *dims.last().unwrap();
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut out = dims;
+        *out.last_mut().unwrap() = w.dim(0)?;
+        hidden.reshape((rows, d))?.matmul(&w.t()?)?.reshape(out)
+    }
+
+    pub fn forward(&self, inp: &StepInputs, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+        self.logits(&self.forward_hidden(inp, cache)?)
+    }
+
+    /// Trainable parameters by transformers name (empty for an inference-only model).
+    pub fn parameters(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// All weights under their transformers names and layouts.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        Ok(match &self.body {
+            Body::Llama(m) => m.state_dict(&self.config),
+            Body::Gpt2(m) => m.state_dict(&self.config)?,
+        })
+    }
+
+    /// log p(ids[i] | ids[..i]) for i ≥ 1 of each sequence, computed in one left-padded batch.
+    pub fn sequence_logprobs(&self, seqs: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        if seqs.iter().any(|s| s.len() < 2) {
+            bail!("log-probabilities need at least 2 tokens per sequence");
+        }
+        let pad = self.config.pad_token_id.unwrap_or(0).min(self.config.vocab_size as u32 - 1);
+        let mut ids = Vec::with_capacity(seqs.len());
+        let mut mask = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let n = t - s.len();
+            ids.push(std::iter::repeat_n(pad, n).chain(s.iter().copied()).collect::<Vec<_>>());
+            mask.push(std::iter::repeat_n(0u8, n).chain(std::iter::repeat_n(1u8, s.len())).collect::<Vec<_>>());
+        }
+        let inp = StepInputs::from_padded(&self.config, &ids, &mask)?;
+        let logits = self.forward(&inp, None)?;
+        // Predict token t+1 from position t.
+        let pred = logits.narrow(1, 0, t - 1)?;
+        let targets = inp.ids.narrow(1, 1, t - 1)?;
+        let lp = ops::gather_logprobs(&pred, &targets)?.to_vec2::<f32>()?;
+        Ok(lp
+            .into_iter()
+            .zip(seqs)
+            .map(|(row, s)| row[t - s.len()..].to_vec())
+            .collect())
+    }
+}

@@ -1,0 +1,153 @@
+//! Tensor operations of the model, written as compositions of candle primitives so that autograd
+//! differentiates them (candle-nn's fused versions have no backward). These are the reference
+//! implementations; faster fused kernels must match them.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::model::config::Activation;
+
+/// y = x / sqrt(mean(x²) + eps) · w   (Llama's RMSNorm, computed in f32)
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
+    x.broadcast_mul(&inv_rms)?.broadcast_mul(weight)
+}
+
+/// y = (x − mean) / sqrt(var + eps) · w + b   (biased variance, as torch.nn.LayerNorm)
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv_std = (var + eps)?.sqrt()?.recip()?;
+    centered
+        .broadcast_mul(&inv_std)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+/// Numerically stable softmax over the last dimension. The max is detached: it cancels
+/// mathematically, so it needs no gradient.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&sum)
+}
+
+/// log softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Silu => x.silu(),
+        Activation::GeluTanh => x.gelu(),
+        Activation::GeluErf => x.gelu_erf(),
+        Activation::Relu => x.relu(),
+    }
+}
+
+/// Rotary position embedding in the "rotate half" layout of transformers:
+/// x·cos + rotate_half(x)·sin with rotate_half([a, b]) = [−b, a].
+/// `x`: [B, H, T, hd]; `cos`, `sin`: [B, 1, T, hd].
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let a = x.narrow(D::Minus1, 0, half)?;
+    let b = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&b.neg()?, &a], D::Minus1)?;
+    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
+}
+
+/// cos and sin tables [B, 1, T, hd] for per-row position ids [B, T].
+pub fn rope_tables(inv_freq: &[f32], position_ids: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+    let b = position_ids.len();
+    let t = position_ids.first().map_or(0, |r| r.len());
+    let half = inv_freq.len();
+    let hd = 2 * half;
+    let mut cos = Vec::with_capacity(b * t * hd);
+    let mut sin = Vec::with_capacity(b * t * hd);
+    for row in position_ids {
+        for &p in row {
+            // transformers multiplies in f32; do the same so long positions round alike.
+            let angles: Vec<f32> = inv_freq.iter().map(|&f| p as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+    }
+    let dev = &candle_core::Device::Cpu;
+    Ok((
+        Tensor::from_vec(cos, (b, 1, t, hd), dev)?,
+        Tensor::from_vec(sin, (b, 1, t, hd), dev)?,
+    ))
+}
+
+/// Causal self-attention with an additive bias (padding, causality, windows) for grouped-query heads.
+/// `q`: [B, H, T, hd], `k`, `v`: [B, KV, S, hd], `bias`: [B, 1, T, S]. Returns [B, T, H·hd].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, t, hd) = q.dims4()?;
+    let (_, kv, s, _) = k.dims4()?;
+    let group = h / kv;
+    // Heads that share a kv head are stacked along the query axis: no copy of k or v.
+    let q = q.reshape((b, kv, group * t, hd))?;
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = scores.reshape((b, h, t, s))?.broadcast_add(bias)?;
+    let probs = softmax_last(&scores)?.reshape((b, kv, group * t, s))?;
+    let out = probs.matmul(v)?.reshape((b, h, t, hd))?;
+    out.transpose(1, 2)?.reshape((b, t, h * hd))
+}
+
+/// Additive attention bias [B, 1, T, S] from a key mask over all S positions (past and current) of
+/// each row; the T queries are the last T positions. A query sees a key when the key is real, not in
+/// its future, and (with a window) fewer than `window` positions back.
+pub fn attention_bias(key_mask: &[Vec<u8>], q_len: usize, window: Option<usize>) -> Result<Tensor> {
+    const MASKED: f32 = -1e30;
+    let b = key_mask.len();
+    let s = key_mask.first().map_or(0, |r| r.len());
+    let mut bias = vec![0f32; b * q_len * s];
+    for (row, keys) in key_mask.iter().enumerate() {
+        for i in 0..q_len {
+            let abs_q = s - q_len + i;
+            let out = &mut bias[(row * q_len + i) * s..(row * q_len + i + 1) * s];
+            for (j, (o, &k)) in out.iter_mut().zip(keys.iter()).enumerate() {
+                let visible = k != 0 && j <= abs_q && window.is_none_or(|w| abs_q - j < w);
+                if !visible {
+                    *o = MASKED;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(bias, (b, 1, q_len, s), &candle_core::Device::Cpu)
+}
+
+/// Position ids as transformers' `generate` derives them from a left-padded mask: the running count
+/// of real tokens minus one, and 1 on padding.
+pub fn position_ids_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
+    mask.iter()
+        .map(|row| {
+            let mut seen = 0u32;
+            row.iter()
+                .map(|&m| {
+                    if m != 0 {
+                        seen += 1;
+                        seen - 1
+                    } else {
+                        1
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// log p(target) per position: logits [B, T, V], targets [B, T] (u32) → [B, T].
+pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last(&logits.to_dtype(DType::F32)?)?;
+    logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)
+}
