@@ -274,8 +274,14 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { v * d };
         match self.family {
             Family::Llama => {
-                let attn = d * h * hd + 2 * d * kv * hd + h * hd * d;
-                let mlp = 3 * d * f;
+                let mut attn = d * h * hd + 2 * d * kv * hd + h * hd * d;
+                if self.qkv_bias {
+                    attn += h * hd + 2 * kv * hd;
+                }
+                if self.o_bias {
+                    attn += d;
+                }
+                let mlp = 3 * d * f + if self.mlp_bias { 2 * f + d } else { 0 };
                 v * d + self.num_layers * (attn + mlp + 2 * d) + d + head
             }
             Family::Gpt2 => {

@@ -94,11 +94,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     let (_, kv, s, _) = k.dims4()?;
     let group = h / kv;
     // Heads that share a kv head are stacked along the query axis: no copy of k or v.
-    let q = q.reshape((b, kv, group * t, hd))?;
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let q = q.contiguous()?.reshape((b, kv, group * t, hd))?;
+    let (k, v) = (k.contiguous()?, v.contiguous()?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
     let scores = scores.reshape((b, h, t, s))?.broadcast_add(bias)?;
     let probs = softmax_last(&scores)?.reshape((b, kv, group * t, s))?;
-    let out = probs.matmul(v)?.reshape((b, h, t, hd))?;
+    let out = probs.matmul(&v)?.reshape((b, h, t, hd))?;
     out.transpose(1, 2)?.reshape((b, t, h * hd))
 }
 
@@ -115,7 +116,9 @@ pub fn attention_bias(key_mask: &[Vec<u8>], q_len: usize, window: Option<usize>)
             let abs_q = s - q_len + i;
             let out = &mut bias[(row * q_len + i) * s..(row * q_len + i + 1) * s];
             for (j, (o, &k)) in out.iter_mut().zip(keys.iter()).enumerate() {
-                let visible = k != 0 && j <= abs_q && window.is_none_or(|w| abs_q - j < w);
+                // A padding query sees at least itself, so no row is fully masked: its (unused)
+                // output stays well defined and its gradient exact.
+                let visible = (k != 0 && j <= abs_q && window.is_none_or(|w| abs_q - j < w)) || j == abs_q;
                 if !visible {
                     *o = MASKED;
                 }
@@ -148,6 +151,7 @@ pub fn position_ids_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
 /// log p(target) per position: logits [B, T, V], targets [B, T] (u32) → [B, T].
 pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let logp = log_softmax_last(&logits.to_dtype(DType::F32)?)?;
-    logp.gather(&targets.unsqueeze(D::Minus1)?, D::Minus1)?
+    logp.contiguous()?
+        .gather(&targets.contiguous()?.unsqueeze(D::Minus1)?, D::Minus1)?
         .squeeze(D::Minus1)
 }

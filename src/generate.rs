@@ -1,0 +1,213 @@
+//! Batched sampling with a KV cache. Prompts of different lengths are left-padded and run together;
+//! each row stops on its own stop tokens and leaves the batch, so finished rows cost nothing.
+//! Every sampled token comes with its log-prob under the sampling distribution and under the model
+//! (temperature 1, no truncation) — the numbers PPO needs for the old policy.
+
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::model::{check_ids, CausalLm, KvCache, StepInputs};
+use crate::ops;
+
+#[derive(Clone, Debug)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    /// 0 means greedy decoding.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches p (1: off).
+    pub top_p: f32,
+    pub stop_ids: Vec<u32>,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig { max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, stop_ids: vec![], seed: 0 }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Sample {
+    pub prompt: Vec<u32>,
+    /// Generated tokens, including the stop token when one ended the row.
+    pub tokens: Vec<u32>,
+    /// log-prob of each token under the distribution it was drawn from (0 for greedy).
+    pub sampling_logprobs: Vec<f32>,
+    /// log-prob of each token under the model's raw next-token distribution.
+    pub model_logprobs: Vec<f32>,
+    /// True when a stop token ended the row (false: it ran out of max_new_tokens).
+    pub stopped: bool,
+}
+
+/// log softmax of one row, in place-free f64 accumulation.
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let lse = max + sum.ln() as f32;
+    logits.iter().map(|&x| x - lse).collect()
+}
+
+/// The sampling distribution as log-probs (−∞ for removed tokens): temperature, then top-k, then
+/// top-p, in transformers' order and with its tie and boundary rules.
+pub fn sampling_logprobs(logits: &[f32], cfg: &SamplingConfig) -> Vec<f32> {
+    let mut scaled: Vec<f32> = logits.iter().map(|&x| x / cfg.temperature).collect();
+    if cfg.top_k > 0 && cfg.top_k < scaled.len() {
+        let mut sorted = scaled.clone();
+        sorted.select_nth_unstable_by(cfg.top_k - 1, |a, b| b.total_cmp(a));
+        let kth = sorted[cfg.top_k - 1];
+        for x in scaled.iter_mut().filter(|x| **x < kth) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    let mut lp = log_softmax(&scaled);
+    if cfg.top_p < 1.0 {
+        // Remove the least likely tokens whose cumulative probability stays within 1 − p.
+        let mut order: Vec<usize> = (0..lp.len()).collect();
+        order.sort_by(|&a, &b| lp[a].total_cmp(&lp[b]));
+        let mut cum = 0.0f64;
+        let last = order.len() - 1;
+        for (rank, &i) in order.iter().enumerate() {
+            cum += (lp[i] as f64).exp();
+            if cum > 1.0 - cfg.top_p as f64 || rank == last {
+                break;
+            }
+            scaled[i] = f32::NEG_INFINITY;
+        }
+        lp = log_softmax(&scaled);
+    }
+    lp
+}
+
+fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Draws an index from log-probs with one uniform number.
+fn draw(lp: &[f32], rng: &mut ChaCha8Rng) -> usize {
+    let u: f64 = rng.random();
+    let mut cum = 0.0f64;
+    let mut last_kept = 0;
+    for (i, &l) in lp.iter().enumerate() {
+        if l == f32::NEG_INFINITY {
+            continue;
+        }
+        last_kept = i;
+        cum += (l as f64).exp();
+        if u < cum {
+            return i;
+        }
+    }
+    last_kept
+}
+
+/// Samples continuations of every prompt. Row i uses its own random stream (seed, i), so a row's
+/// sample does not depend on what else is in the batch.
+pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Vec<Sample>> {
+    let mc = &model.config;
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("prompt {i} is empty: generation needs at least one prompt token");
+    }
+    check_ids(mc, prompts)?;
+    if cfg.temperature < 0.0 || !cfg.temperature.is_finite() {
+        bail!("temperature must be ≥ 0 (0 is greedy), got {}", cfg.temperature);
+    }
+    if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+        bail!("top_p must be in (0, 1], got {}", cfg.top_p);
+    }
+    let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if mc.family == crate::model::config::Family::Gpt2 && t0 + cfg.max_new_tokens > mc.max_position_embeddings {
+        bail!(
+            "prompt length {t0} + max_new_tokens {} exceeds the model's {} positions",
+            cfg.max_new_tokens,
+            mc.max_position_embeddings
+        );
+    }
+    let mut samples: Vec<Sample> =
+        prompts.iter().map(|p| Sample { prompt: p.clone(), ..Default::default() }).collect();
+    if prompts.is_empty() || cfg.max_new_tokens == 0 {
+        return Ok(samples);
+    }
+    let pad = mc.pad_token_id.filter(|&p| (p as usize) < mc.vocab_size).unwrap_or(0);
+    let mut rngs: Vec<ChaCha8Rng> = (0..prompts.len())
+        .map(|i| {
+            let mut r = ChaCha8Rng::seed_from_u64(cfg.seed);
+            r.set_stream(i as u64);
+            r
+        })
+        .collect();
+
+    // Prefill the whole left-padded batch.
+    let mut key_mask: Vec<Vec<u8>> = Vec::with_capacity(prompts.len());
+    let mut ids = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let n = t0 - p.len();
+        key_mask.push(std::iter::repeat_n(0, n).chain(std::iter::repeat_n(1, p.len())).collect());
+        ids.push(std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect::<Vec<u32>>());
+    }
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut cache = KvCache::new(mc.num_layers);
+    let inp = StepInputs::from_padded(mc, &ids, &key_mask)?;
+    let hidden = model.forward_hidden(&inp, Some(&mut cache))?;
+    let mut logits = model.logits(&hidden.narrow(1, t0 - 1, 1)?)?.squeeze(1)?.to_vec2::<f32>()?;
+
+    // `active[j]` is the prompt index of batch row j.
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    for step in 0..cfg.max_new_tokens {
+        let mut keep = Vec::with_capacity(active.len());
+        let mut fed = Vec::with_capacity(active.len());
+        for (j, &row) in active.iter().enumerate() {
+            let model_lp = log_softmax(&logits[j]);
+            let (tok, sample_lp) = if cfg.temperature == 0.0 {
+                (argmax(&logits[j]), 0.0)
+            } else {
+                let lp = sampling_logprobs(&logits[j], cfg);
+                let t = draw(&lp, &mut rngs[row]);
+                (t, lp[t])
+            };
+            let s = &mut samples[row];
+            s.tokens.push(tok as u32);
+            s.sampling_logprobs.push(sample_lp);
+            s.model_logprobs.push(model_lp[tok]);
+            if cfg.stop_ids.contains(&(tok as u32)) {
+                s.stopped = true;
+            } else {
+                keep.push(j);
+                fed.push(tok as u32);
+            }
+        }
+        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
+            break;
+        }
+        if keep.len() < active.len() {
+            let rows = Tensor::from_vec(keep.iter().map(|&j| j as u32).collect::<Vec<_>>(), keep.len(), &Device::Cpu)?;
+            cache.select_rows(&rows)?;
+            key_mask = keep.iter().map(|&j| key_mask[j].clone()).collect();
+            active = keep.iter().map(|&j| active[j]).collect();
+        }
+        for m in key_mask.iter_mut() {
+            m.push(1);
+        }
+        let position_ids: Vec<Vec<u32>> = active.iter().map(|&r| vec![next_pos[r]]).collect();
+        for &r in &active {
+            next_pos[r] += 1;
+        }
+        let inp = StepInputs {
+            ids: Tensor::from_vec(fed, (active.len(), 1), &Device::Cpu)?,
+            position_ids,
+            attn_bias: ops::attention_bias(&key_mask, 1, mc.sliding_window)?,
+        };
+        let hidden = model.forward_hidden(&inp, Some(&mut cache))?;
+        logits = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?;
+    }
+    Ok(samples)
+}

@@ -1,0 +1,124 @@
+//! The KV-cache sampler against transformers' greedy `generate` and against our own full forward.
+
+mod common;
+use common::*;
+use rlhf::checkpoint::Checkpoint;
+use rlhf::generate::{generate, SamplingConfig};
+
+fn greedy(n: usize) -> SamplingConfig {
+    SamplingConfig { max_new_tokens: n, temperature: 0.0, ..Default::default() }
+}
+
+#[test]
+fn batched_greedy_equals_transformers_and_each_prompt_alone() {
+    for m in MODELS {
+        let ck = Checkpoint::load(&model_path(m), false).unwrap();
+        let g = golden(m);
+        let cases = g["greedy"].as_array().unwrap();
+        let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt"])).collect();
+        let batched = generate(&ck.model, &prompts, &greedy(8)).unwrap();
+        for (i, c) in cases.iter().enumerate() {
+            let want = ids(&c["new_ids"]);
+            assert_eq!(batched[i].tokens, want, "{m}: batched greedy row {i}");
+            let alone = generate(&ck.model, &prompts[i..i + 1], &greedy(8)).unwrap();
+            assert_eq!(alone[0].tokens, want, "{m}: greedy alone {i}");
+        }
+    }
+}
+
+#[test]
+fn sampler_logprobs_equal_a_fresh_forward_pass() {
+    for m in MODELS {
+        let ck = Checkpoint::load(&model_path(m), false).unwrap();
+        let prompts = vec![vec![5, 9, 77], vec![100, 3, 4, 8, 200, 31, 7], vec![42]];
+        let cfg = SamplingConfig { max_new_tokens: 10, temperature: 1.0, seed: 7, ..Default::default() };
+        let samples = generate(&ck.model, &prompts, &cfg).unwrap();
+        let seqs: Vec<Vec<u32>> = samples.iter().map(|s| [s.prompt.clone(), s.tokens.clone()].concat()).collect();
+        let lp = ck.model.sequence_logprobs(&seqs).unwrap();
+        for (s, row) in samples.iter().zip(&lp) {
+            let recomputed = &row[s.prompt.len() - 1..];
+            let d = max_abs_diff(recomputed, &s.model_logprobs);
+            assert!(d < 1e-5, "{m}: cached vs fresh log-probs differ by {d}");
+            // Temperature 1 without truncation: the sampling distribution is the model's.
+            let d = max_abs_diff(&s.sampling_logprobs, &s.model_logprobs);
+            assert!(d < 1e-5, "{m}: sampling vs model log-probs differ by {d}");
+        }
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_and_seed_dependent() {
+    let ck = Checkpoint::load(&model_path("llama-untied-bf16"), false).unwrap();
+    let prompts = vec![vec![11, 12, 13], vec![40, 41]];
+    let cfg = SamplingConfig { max_new_tokens: 12, temperature: 1.0, seed: 3, ..Default::default() };
+    let a = generate(&ck.model, &prompts, &cfg).unwrap();
+    let b = generate(&ck.model, &prompts, &cfg).unwrap();
+    assert_eq!(a.iter().map(|s| &s.tokens).collect::<Vec<_>>(), b.iter().map(|s| &s.tokens).collect::<Vec<_>>());
+    let c = generate(&ck.model, &prompts, &SamplingConfig { seed: 4, ..cfg.clone() }).unwrap();
+    assert_ne!(a[0].tokens, c[0].tokens, "different seeds should give different samples");
+}
+
+#[test]
+fn rows_stop_on_their_own_stop_tokens() {
+    let ck = Checkpoint::load(&model_path("llama-untied-bf16"), false).unwrap();
+    let g = golden("llama-untied-bf16");
+    let cases = g["greedy"].as_array().unwrap();
+    let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["prompt"])).collect();
+    let full: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["new_ids"])).collect();
+    // Stop row 0 at its 3rd greedy token; the other rows must continue unchanged.
+    let stop = full[0][2];
+    let cfg = SamplingConfig { stop_ids: vec![stop], ..greedy(8) };
+    let out = generate(&ck.model, &prompts, &cfg).unwrap();
+    for (i, want) in full.iter().enumerate() {
+        let cut = want.iter().position(|&t| t == stop).map_or(want.len(), |p| p + 1);
+        assert_eq!(out[i].tokens, want[..cut], "row {i}");
+        assert_eq!(out[i].stopped, cut < want.len() || want.last() == Some(&stop), "row {i}");
+    }
+}
+
+#[test]
+fn top_k_one_is_greedy_and_top_p_truncates() {
+    let ck = Checkpoint::load(&model_path("mistral"), false).unwrap();
+    let prompts = vec![vec![11, 12, 13]];
+    let g = generate(&ck.model, &prompts, &greedy(6)).unwrap();
+    let k1 = SamplingConfig { max_new_tokens: 6, temperature: 1.0, top_k: 1, seed: 9, ..Default::default() };
+    let s = generate(&ck.model, &prompts, &k1).unwrap();
+    assert_eq!(s[0].tokens, g[0].tokens);
+    assert!(s[0].sampling_logprobs.iter().all(|&l| l.abs() < 1e-6), "top-1 sampling is certain");
+    // With top-p the sampling distribution is narrower: its log-probs are ≥ the model's.
+    let p = SamplingConfig { max_new_tokens: 6, temperature: 1.0, top_p: 0.5, seed: 9, ..Default::default() };
+    let s = generate(&ck.model, &prompts, &p).unwrap();
+    for (a, b) in s[0].sampling_logprobs.iter().zip(&s[0].model_logprobs) {
+        assert!(a >= b, "top-p log-prob {a} below model log-prob {b}");
+    }
+}
+
+#[test]
+fn sampling_distribution_rules() {
+    use rlhf::generate::sampling_logprobs;
+    let logits = [2.0f32, 1.0, 0.5, 0.0, -1.0];
+    let cfg = SamplingConfig { temperature: 1.0, top_k: 2, ..Default::default() };
+    let lp = sampling_logprobs(&logits, &cfg);
+    assert!(lp[2..].iter().all(|x| *x == f32::NEG_INFINITY));
+    let z = (2.0f32.exp() + 1.0f32.exp()).ln();
+    assert!((lp[0] - (2.0 - z)).abs() < 1e-6);
+    // top-p 0.6 keeps the smallest prefix reaching 0.6: probs ≈ .53, .20, .12, .07, .03 → 2 tokens.
+    let cfg = SamplingConfig { temperature: 1.0, top_p: 0.6, ..Default::default() };
+    let lp = sampling_logprobs(&logits, &cfg);
+    assert_eq!(lp.iter().filter(|x| x.is_finite()).count(), 2);
+    // Temperature 0.5 doubles the logits.
+    let cfg = SamplingConfig { temperature: 0.5, ..Default::default() };
+    let lp = sampling_logprobs(&logits, &cfg);
+    assert!(((lp[0] - lp[1]) - 2.0).abs() < 1e-5);
+}
+
+#[test]
+fn bad_generation_inputs_are_errors() {
+    let ck = Checkpoint::load(&model_path("gpt2"), false).unwrap();
+    let e = generate(&ck.model, &[vec![]], &greedy(4)).unwrap_err();
+    assert!(e.to_string().contains("empty"), "{e}");
+    let e = generate(&ck.model, &[vec![1, 99999]], &greedy(4)).unwrap_err();
+    assert!(e.to_string().contains("99999"), "{e}");
+    let e = generate(&ck.model, &[vec![1, 2]], &greedy(100)).unwrap_err();
+    assert!(e.to_string().contains("positions"), "{e}");
+}
