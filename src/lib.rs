@@ -6,3 +6,4 @@ pub mod ops;
 pub mod io;
 pub mod tokenize;
 pub mod checkpoint;
+pub mod generate;
