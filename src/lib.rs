@@ -7,3 +7,6 @@ pub mod io;
 pub mod tokenize;
 pub mod checkpoint;
 pub mod generate;
+pub mod commands;
+pub mod data;
+pub mod chat;
