@@ -114,18 +114,23 @@ impl ChatTemplate {
             vars.insert(k.clone(), v.clone());
         }
         vars.insert("messages".into(), normalize_messages(messages)?);
-        vars.insert("add_generation_prompt".into(), Json::Bool(add_generation_prompt));
+        vars.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(add_generation_prompt),
+        );
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
-        template.render(json_to_value(&Json::Object(vars))).map_err(|e| {
-            if is_raised(&e) {
-                anyhow!("chat template raised an error: {}", describe(&e))
-            } else {
-                anyhow!("chat template failed to render: {}", describe(&e))
-            }
-        })
+        template
+            .render(json_to_value(&Json::Object(vars)))
+            .map_err(|e| {
+                if is_raised(&e) {
+                    anyhow!("chat template raised an error: {}", describe(&e))
+                } else {
+                    anyhow!("chat template failed to render: {}", describe(&e))
+                }
+            })
     }
 }
 
@@ -146,7 +151,13 @@ pub fn apply_chat_template(
     let template = cached_template(source, tok.bos_token.as_deref(), tok.eos_token.as_deref())?;
     // transformers passes every named special token that is set (its `special_tokens_map`).
     let mut extra = Map::new();
-    for name in ["unk_token", "sep_token", "pad_token", "cls_token", "mask_token"] {
+    for name in [
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+    ] {
         let value = if name == "pad_token" {
             tok.pad_token.clone()
         } else {
@@ -163,10 +174,18 @@ pub fn apply_chat_template(
 
 /// Compiling a template takes far longer than rendering one; data preparation renders thousands
 /// of conversations with the same few templates.
-fn cached_template(source: &str, bos: Option<&str>, eos: Option<&str>) -> Result<Arc<ChatTemplate>> {
+fn cached_template(
+    source: &str,
+    bos: Option<&str>,
+    eos: Option<&str>,
+) -> Result<Arc<ChatTemplate>> {
     type Key = (String, Option<String>, Option<String>);
     static CACHE: OnceLock<Mutex<HashMap<Key, Arc<ChatTemplate>>>> = OnceLock::new();
-    let key: Key = (source.to_string(), bos.map(str::to_string), eos.map(str::to_string));
+    let key: Key = (
+        source.to_string(),
+        bos.map(str::to_string),
+        eos.map(str::to_string),
+    );
     let cache = CACHE.get_or_init(Default::default);
     if let Some(t) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok(t.clone());
@@ -203,8 +222,11 @@ fn normalize_messages(messages: &Json) -> Result<Json> {
         let obj = message
             .as_object()
             .ok_or_else(|| anyhow!("chat message {i} is not an object: {message}"))?;
-        let mut msg: Map<String, Json> =
-            obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut msg: Map<String, Json> = obj
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if let Some(reasoning) = REASONING_FIELDS.iter().find_map(|k| msg.get(*k)).cloned() {
             let mut aliased = Map::new();
             aliased.insert("thinking".into(), reasoning.clone());
@@ -230,7 +252,9 @@ fn neutralize_generation_tags(source: &str) -> String {
         let keyword_start = after_modifier.trim_start();
         let prefix_len = rest.len() - keyword_start.len();
         for (keyword, replacement) in [("endgeneration", "endif"), ("generation", "if true")] {
-            let Some(after_keyword) = keyword_start.strip_prefix(keyword) else { continue };
+            let Some(after_keyword) = keyword_start.strip_prefix(keyword) else {
+                continue;
+            };
             let tail = after_keyword.trim_start();
             let tail = tail.strip_prefix(['-', '+']).unwrap_or(tail);
             if tail.starts_with("%}") {
@@ -297,7 +321,10 @@ fn raise_exception(message: Value) -> Result<Value, Error> {
 fn strftime_now(format: &str) -> Result<String, Error> {
     let mut out = String::new();
     write!(out, "{}", chrono::Local::now().format(format)).map_err(|_| {
-        Error::new(ErrorKind::InvalidOperation, format!("strftime_now: invalid format {format:?}"))
+        Error::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: invalid format {format:?}"),
+        )
     })?;
     Ok(out)
 }
@@ -320,7 +347,9 @@ fn json_to_value(v: &Json) -> Value {
         }
         Json::String(s) => Value::from(s.as_str()),
         Json::Array(items) => Value::from(items.iter().map(json_to_value).collect::<Vec<_>>()),
-        Json::Object(map) => Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v)))),
+        Json::Object(map) => {
+            Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
+        }
     }
 }
 
@@ -331,9 +360,10 @@ fn json_to_value(v: &Json) -> Value {
 /// minijinja's own formatter (no auto-escaping is configured).
 fn python_formatter(out: &mut Output, state: &mut State, value: &Value) -> Result<(), Error> {
     match value.kind() {
-        ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => out
-            .write_str(&py_str(value)?)
-            .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write template output")),
+        ValueKind::None | ValueKind::Bool | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
+            out.write_str(&py_str(value)?)
+                .map_err(|_| Error::new(ErrorKind::WriteFailure, "cannot write template output"))
+        }
         _ => minijinja::escape_formatter(out, state, value),
     }
 }
@@ -360,7 +390,10 @@ fn py_str(value: &Value) -> Result<String, Error> {
 }
 
 fn too_deep() -> Error {
-    Error::new(ErrorKind::InvalidOperation, format!("value nested deeper than {MAX_DEPTH} levels"))
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("value nested deeper than {MAX_DEPTH} levels"),
+    )
 }
 
 fn py_repr(out: &mut String, value: &Value, depth: usize) -> Result<(), Error> {
@@ -411,7 +444,11 @@ fn py_repr(out: &mut String, value: &Value, depth: usize) -> Result<(), Error> {
 /// Python's `repr(str)`: single quotes unless the text has a `'` and no `"`; escapes for the
 /// quote, backslash and the common non-printable characters.
 fn py_repr_str(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -521,10 +558,15 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
     let indent = match kwargs.get::<Option<Value>>("indent")? {
         None => None,
         Some(v) if v.is_none() => None,
-        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
+        Some(v) if v.kind() == ValueKind::String => {
+            Some(v.as_str().unwrap_or_default().to_string())
+        }
         Some(v) => {
             let n = v.as_i64().ok_or_else(|| {
-                Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an integer or a string")
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: indent must be an integer or a string",
+                )
             })?;
             Some(" ".repeat(n.clamp(0, 64) as usize))
         }
@@ -532,7 +574,10 @@ fn tojson(value: &Value, kwargs: Kwargs) -> Result<String, Error> {
     let (item_sep, key_sep) = match kwargs.get::<Option<Value>>("separators")? {
         Some(v) if !v.is_none() => {
             let parts: Vec<Value> = v.try_iter()?.collect();
-            match (parts.first().and_then(Value::as_str), parts.get(1).and_then(Value::as_str)) {
+            match (
+                parts.first().and_then(Value::as_str),
+                parts.get(1).and_then(Value::as_str),
+            ) {
                 (Some(a), Some(b)) if parts.len() == 2 => (a.to_string(), b.to_string()),
                 _ => {
                     return Err(Error::new(
@@ -563,7 +608,10 @@ fn not_serializable(value: &Value) -> Error {
         ValueKind::Undefined => "Undefined".to_string(),
         kind => kind.to_string(),
     };
-    Error::new(ErrorKind::InvalidOperation, format!("Object of type {type_name} is not JSON serializable"))
+    Error::new(
+        ErrorKind::InvalidOperation,
+        format!("Object of type {type_name} is not JSON serializable"),
+    )
 }
 
 fn newline_indent(out: &mut String, style: &JsonStyle, level: usize) {
@@ -575,7 +623,12 @@ fn newline_indent(out: &mut String, style: &JsonStyle, level: usize) {
     }
 }
 
-fn write_json(out: &mut String, value: &Value, style: &JsonStyle, level: usize) -> Result<(), Error> {
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    style: &JsonStyle,
+    level: usize,
+) -> Result<(), Error> {
     if level > MAX_DEPTH {
         return Err(too_deep());
     }
@@ -646,7 +699,10 @@ fn json_key(key: &Value) -> Result<String, Error> {
         _ => {
             return Err(Error::new(
                 ErrorKind::InvalidOperation,
-                format!("keys must be str, int, float, bool or None, not {}", key.kind()),
+                format!(
+                    "keys must be str, int, float, bool or None, not {}",
+                    key.kind()
+                ),
             ))
         }
     })
@@ -705,7 +761,8 @@ mod tests {
 
     #[test]
     fn generation_tags_become_plain_blocks() {
-        let src = "{% for m in messages %}{%- generation -%}\n{{ m }}{% endgeneration +%}{% endfor %}";
+        let src =
+            "{% for m in messages %}{%- generation -%}\n{{ m }}{% endgeneration +%}{% endfor %}";
         assert_eq!(
             neutralize_generation_tags(src),
             "{% for m in messages %}{%- if true -%}\n{{ m }}{% endif +%}{% endfor %}"

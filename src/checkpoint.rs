@@ -55,7 +55,10 @@ pub fn resolve(spec: &str) -> Result<Source> {
 fn is_gguf(p: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(p).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
+    std::fs::File::open(p)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"GGUF"
 }
 
 /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`.
@@ -94,7 +97,10 @@ fn find_in_hf_cache(repo_id: &str) -> Result<Option<PathBuf>> {
     match found.len() {
         0 => bail!("{}: no snapshot with a config.json", repo.display()),
         1 => Ok(found.pop()),
-        _ => bail!("{}: several snapshots and no refs/main; pass the snapshot directory", repo.display()),
+        _ => bail!(
+            "{}: several snapshots and no refs/main; pass the snapshot directory",
+            repo.display()
+        ),
     }
 }
 
@@ -113,8 +119,17 @@ impl Checkpoint {
                     None
                 };
                 let gen_path = dir.join("generation_config.json");
-                let generation_config = if gen_path.exists() { Some(read_json(&gen_path)?) } else { None };
-                Ok(Checkpoint { model, tokenizer, generation_config, source: dir })
+                let generation_config = if gen_path.exists() {
+                    Some(read_json(&gen_path)?)
+                } else {
+                    None
+                };
+                Ok(Checkpoint {
+                    model,
+                    tokenizer,
+                    generation_config,
+                    source: dir,
+                })
             }
             Source::Gguf(path) => {
                 let g = GgufFile::open(&path)?;
@@ -122,7 +137,8 @@ impl Checkpoint {
                 let weights = g.weights(&path, &config)?;
                 let model = CausalLm::from_weights(config, weights, trainable)
                     .with_context(|| format!("{}", path.display()))?;
-                let tokenizer = Tokenizer::from_gguf(&g).with_context(|| format!("{}", path.display()))?;
+                let tokenizer =
+                    Tokenizer::from_gguf(&g).with_context(|| format!("{}", path.display()))?;
                 let c = &model.config;
                 let mut gen = json!({});
                 if let Some(b) = c.bos_token_id {
@@ -131,7 +147,12 @@ impl Checkpoint {
                 if !c.eos_token_ids.is_empty() {
                     gen["eos_token_id"] = json!(c.eos_token_ids[0]);
                 }
-                Ok(Checkpoint { model, tokenizer: Some(tokenizer), generation_config: Some(gen), source: path })
+                Ok(Checkpoint {
+                    model,
+                    tokenizer: Some(tokenizer),
+                    generation_config: Some(gen),
+                    source: path,
+                })
             }
         }
     }
@@ -210,7 +231,11 @@ impl safetensors::View for TensorView<'_> {
         self.0.dims()
     }
     fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        let v: Vec<f32> = self.0.flatten_all().and_then(|t| t.to_vec1()).unwrap_or_default();
+        let v: Vec<f32> = self
+            .0
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .unwrap_or_default();
         std::borrow::Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
     fn data_len(&self) -> usize {

@@ -26,7 +26,14 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        SamplingConfig { max_new_tokens: 64, temperature: 1.0, top_k: 0, top_p: 1.0, stop_ids: vec![], seed: 0 }
+        SamplingConfig {
+            max_new_tokens: 64,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            stop_ids: vec![],
+            seed: 0,
+        }
     }
 }
 
@@ -112,32 +119,49 @@ fn draw(lp: &[f32], rng: &mut ChaCha8Rng) -> usize {
 
 /// Samples continuations of every prompt. Row i uses its own random stream (seed, i), so a row's
 /// sample does not depend on what else is in the batch.
-pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) -> Result<Vec<Sample>> {
+pub fn generate(
+    model: &CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &SamplingConfig,
+) -> Result<Vec<Sample>> {
     let mc = &model.config;
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
         bail!("prompt {i} is empty: generation needs at least one prompt token");
     }
     check_ids(mc, prompts)?;
     if cfg.temperature < 0.0 || !cfg.temperature.is_finite() {
-        bail!("temperature must be ≥ 0 (0 is greedy), got {}", cfg.temperature);
+        bail!(
+            "temperature must be ≥ 0 (0 is greedy), got {}",
+            cfg.temperature
+        );
     }
     if !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
         bail!("top_p must be in (0, 1], got {}", cfg.top_p);
     }
     let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if mc.family == crate::model::config::Family::Gpt2 && t0 + cfg.max_new_tokens > mc.max_position_embeddings {
+    if mc.family == crate::model::config::Family::Gpt2
+        && t0 + cfg.max_new_tokens > mc.max_position_embeddings
+    {
         bail!(
             "prompt length {t0} + max_new_tokens {} exceeds the model's {} positions",
             cfg.max_new_tokens,
             mc.max_position_embeddings
         );
     }
-    let mut samples: Vec<Sample> =
-        prompts.iter().map(|p| Sample { prompt: p.clone(), ..Default::default() }).collect();
+    let mut samples: Vec<Sample> = prompts
+        .iter()
+        .map(|p| Sample {
+            prompt: p.clone(),
+            ..Default::default()
+        })
+        .collect();
     if prompts.is_empty() || cfg.max_new_tokens == 0 {
         return Ok(samples);
     }
-    let pad = mc.pad_token_id.filter(|&p| (p as usize) < mc.vocab_size).unwrap_or(0);
+    let pad = mc
+        .pad_token_id
+        .filter(|&p| (p as usize) < mc.vocab_size)
+        .unwrap_or(0);
     let mut rngs: Vec<ChaCha8Rng> = (0..prompts.len())
         .map(|i| {
             let mut r = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -151,14 +175,25 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) ->
     let mut ids = Vec::with_capacity(prompts.len());
     for p in prompts {
         let n = t0 - p.len();
-        key_mask.push(std::iter::repeat_n(0, n).chain(std::iter::repeat_n(1, p.len())).collect());
-        ids.push(std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect::<Vec<u32>>());
+        key_mask.push(
+            std::iter::repeat_n(0, n)
+                .chain(std::iter::repeat_n(1, p.len()))
+                .collect(),
+        );
+        ids.push(
+            std::iter::repeat_n(pad, n)
+                .chain(p.iter().copied())
+                .collect::<Vec<u32>>(),
+        );
     }
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut cache = KvCache::new(mc.num_layers);
     let inp = StepInputs::from_padded(mc, &ids, &key_mask)?;
     let hidden = model.forward_hidden(&inp, Some(&mut cache))?;
-    let mut logits = model.logits(&hidden.narrow(1, t0 - 1, 1)?)?.squeeze(1)?.to_vec2::<f32>()?;
+    let mut logits = model
+        .logits(&hidden.narrow(1, t0 - 1, 1)?)?
+        .squeeze(1)?
+        .to_vec2::<f32>()?;
 
     // `active[j]` is the prompt index of batch row j.
     let mut active: Vec<usize> = (0..prompts.len()).collect();
@@ -189,7 +224,11 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &SamplingConfig) ->
             break;
         }
         if keep.len() < active.len() {
-            let rows = Tensor::from_vec(keep.iter().map(|&j| j as u32).collect::<Vec<_>>(), keep.len(), &Device::Cpu)?;
+            let rows = Tensor::from_vec(
+                keep.iter().map(|&j| j as u32).collect::<Vec<_>>(),
+                keep.len(),
+                &Device::Cpu,
+            )?;
             cache.select_rows(&rows)?;
             key_mask = keep.iter().map(|&j| key_mask[j].clone()).collect();
             active = keep.iter().map(|&j| active[j]).collect();

@@ -9,7 +9,8 @@ pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
@@ -25,9 +26,14 @@ impl StagedDir {
     pub fn new(target: &Path) -> Result<Self> {
         if target.exists() {
             let empty = target.is_dir()
-                && std::fs::read_dir(target).map(|mut d| d.next().is_none()).unwrap_or(false);
+                && std::fs::read_dir(target)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
             if !empty {
-                bail!("output {} already exists; choose another path or remove it", target.display());
+                bail!(
+                    "output {} already exists; choose another path or remove it",
+                    target.display()
+                );
             }
         }
         let parent = match target.parent() {
@@ -38,14 +44,21 @@ impl StagedDir {
             std::fs::create_dir_all(&parent)
                 .with_context(|| format!("cannot create directory {}", parent.display()))?;
         }
-        let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
         let staging = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if staging.exists() {
             std::fs::remove_dir_all(&staging).ok();
         }
         std::fs::create_dir(&staging)
             .with_context(|| format!("cannot write to {} (is it writable?)", parent.display()))?;
-        Ok(StagedDir { staging, target: target.to_path_buf(), committed: false })
+        Ok(StagedDir {
+            staging,
+            target: target.to_path_buf(),
+            committed: false,
+        })
     }
 
     pub fn path(&self) -> &Path {

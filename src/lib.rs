@@ -1,12 +1,12 @@
 //! rlhf: align language models with feedback — SFT, reward models, PPO(-ptx) and DPO — on real
 //! Hugging Face checkpoints, CPU first.
 
-pub mod model;
-pub mod ops;
-pub mod io;
-pub mod tokenize;
+pub mod chat;
 pub mod checkpoint;
-pub mod generate;
 pub mod commands;
 pub mod data;
-pub mod chat;
+pub mod generate;
+pub mod io;
+pub mod model;
+pub mod ops;
+pub mod tokenize;

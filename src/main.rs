@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use rlhf::commands;
 
 #[derive(Parser)]
-#[command(name = "rlhf", version, about = "Align language models with feedback: SFT, reward models, PPO, DPO — on CPU, no Python.")]
+#[command(
+    name = "rlhf",
+    version,
+    about = "Align language models with feedback: SFT, reward models, PPO, DPO — on CPU, no Python."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

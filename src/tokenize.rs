@@ -56,7 +56,10 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         if !path.exists() {
-            bail!("{}: no tokenizer.json (only fast tokenizers are supported)", dir.display());
+            bail!(
+                "{}: no tokenizer.json (only fast tokenizers are supported)",
+                dir.display()
+            );
         }
         let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
@@ -64,7 +67,8 @@ impl Tokenizer {
         let config: Value = if cfg_path.exists() {
             let text = std::fs::read_to_string(&cfg_path)
                 .with_context(|| format!("cannot read {}", cfg_path.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", cfg_path.display()))?
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?
         } else {
             json!({})
         };
@@ -72,7 +76,8 @@ impl Tokenizer {
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
             chat_template = Some(
-                std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?,
+                std::fs::read_to_string(&jinja)
+                    .with_context(|| format!("cannot read {}", jinja.display()))?,
             );
         }
         Ok(Tokenizer {
@@ -93,8 +98,11 @@ impl Tokenizer {
         }
         let tokens = string_array(g, "tokenizer.ggml.tokens")?;
         let merges_raw = string_array(g, "tokenizer.ggml.merges")?;
-        let vocab: tokenizers::models::bpe::Vocab =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let merges = merges_raw
             .iter()
             .map(|m| {
@@ -148,16 +156,30 @@ impl Tokenizer {
             let specials: Vec<AddedToken> = types
                 .iter()
                 .zip(&tokens)
-                .filter(|(ty, _)| matches!(ty.to_i32().or_else(|_| ty.to_u32().map(|x| x as i32)), Ok(3) | Ok(4)))
+                .filter(|(ty, _)| {
+                    matches!(
+                        ty.to_i32().or_else(|_| ty.to_u32().map(|x| x as i32)),
+                        Ok(3) | Ok(4)
+                    )
+                })
                 .map(|(_, t)| AddedToken::from(t.clone(), true))
                 .collect();
-            inner.add_special_tokens(specials).map_err(|e| anyhow!("{e}"))?;
+            inner
+                .add_special_tokens(specials)
+                .map_err(|e| anyhow!("{e}"))?;
         }
-        let tok_at = |key: &str| g.meta_u64(key).and_then(|i| tokens.get(i as usize)).cloned();
+        let tok_at = |key: &str| {
+            g.meta_u64(key)
+                .and_then(|i| tokens.get(i as usize))
+                .cloned()
+        };
         let bos_token = tok_at("tokenizer.ggml.bos_token_id");
         let eos_token = tok_at("tokenizer.ggml.eos_token_id");
         let pad_token = tok_at("tokenizer.ggml.padding_token_id");
-        let add_bos = matches!(g.meta("tokenizer.ggml.add_bos_token"), Some(GValue::Bool(true)));
+        let add_bos = matches!(
+            g.meta("tokenizer.ggml.add_bos_token"),
+            Some(GValue::Bool(true))
+        );
         if let (true, Some(bos)) = (add_bos, &bos_token) {
             let id = g.meta_u64("tokenizer.ggml.bos_token_id").unwrap_or(0) as u32;
             let tp = TemplateProcessing::builder()
@@ -176,7 +198,11 @@ impl Tokenizer {
             "clean_up_tokenization_spaces": false,
             "model_max_length": g.meta_u64(&format!("{}.context_length", g.arch)).unwrap_or(2048),
         });
-        for (k, v) in [("bos_token", &bos_token), ("eos_token", &eos_token), ("pad_token", &pad_token)] {
+        for (k, v) in [
+            ("bos_token", &bos_token),
+            ("eos_token", &eos_token),
+            ("pad_token", &pad_token),
+        ] {
             if let Some(v) = v {
                 config[k] = json!(v);
             }
@@ -184,7 +210,14 @@ impl Tokenizer {
         if let Some(t) = &chat_template {
             config["chat_template"] = json!(t);
         }
-        Ok(Tokenizer { inner, bos_token, eos_token, pad_token, chat_template, config })
+        Ok(Tokenizer {
+            inner,
+            bos_token,
+            eos_token,
+            pad_token,
+            chat_template,
+            config,
+        })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (e.g. BOS).

@@ -10,18 +10,25 @@ use rlhf::tokenize::Tokenizer;
 use serde_json::{json, Map, Value};
 
 fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn load(name: &str) -> (Tokenizer, Value) {
     let dir = fixture_dir(name);
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
-    let golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let golden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     (tok, golden)
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn user(content: &str) -> Value {
@@ -36,8 +43,12 @@ fn render(source: &str, messages: &Value, extra: Value) -> anyhow::Result<String
 
 fn check_golden(name: &str) {
     let (tok, golden) = load(name);
-    let source = tok.chat_template.clone().expect("fixture has a chat template");
-    let template = ChatTemplate::new(&source, tok.bos_token.as_deref(), tok.eos_token.as_deref()).unwrap();
+    let source = tok
+        .chat_template
+        .clone()
+        .expect("fixture has a chat template");
+    let template =
+        ChatTemplate::new(&source, tok.bos_token.as_deref(), tok.eos_token.as_deref()).unwrap();
     let cases = golden["chat"].as_array().unwrap();
     assert!(!cases.is_empty());
     for (i, case) in cases.iter().enumerate() {
@@ -46,7 +57,10 @@ fn check_golden(name: &str) {
         let text = template.render(&case["messages"], agp).unwrap();
         assert_eq!(text, want_text, "{name} chat case {i}: rendered text");
         let (text2, got_ids) = apply_chat_template(&tok, &case["messages"], agp).unwrap();
-        assert_eq!(text2, want_text, "{name} chat case {i}: apply_chat_template text");
+        assert_eq!(
+            text2, want_text,
+            "{name} chat case {i}: apply_chat_template text"
+        );
         assert_eq!(got_ids, ids(&case["ids"]), "{name} chat case {i}: ids");
     }
 }
@@ -64,7 +78,11 @@ fn golden_llama3_has_exactly_one_bos() {
     for case in golden["chat"].as_array().unwrap() {
         let (_, got) = apply_chat_template(&tok, &case["messages"], true).unwrap();
         assert_eq!(got[0], bos);
-        assert_eq!(got.iter().filter(|&&t| t == bos).count(), 1, "one BOS, written by the template");
+        assert_eq!(
+            got.iter().filter(|&&t| t == bos).count(),
+            1,
+            "one BOS, written by the template"
+        );
     }
 }
 
@@ -72,7 +90,9 @@ fn golden_llama3_has_exactly_one_bos() {
 fn apply_chat_template_without_template_errors() {
     let (mut tok, _) = load("tokenizer");
     tok.chat_template = None;
-    let err = apply_chat_template(&tok, &user("hi"), true).unwrap_err().to_string();
+    let err = apply_chat_template(&tok, &user("hi"), true)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no chat template"), "{err}");
 }
 
@@ -92,10 +112,14 @@ fn raise_exception_is_an_error_with_the_message() {
 
 #[test]
 fn syntax_error_fails_at_compile_time() {
-    let err = ChatTemplate::new("line one\n{% for m in messages %}{{ m.content }", None, None)
-        .err()
-        .expect("broken template must not compile")
-        .to_string();
+    let err = ChatTemplate::new(
+        "line one\n{% for m in messages %}{{ m.content }",
+        None,
+        None,
+    )
+    .err()
+    .expect("broken template must not compile")
+    .to_string();
     assert!(err.starts_with("chat template"), "{err}");
     assert!(err.contains("syntax error"), "{err}");
     assert!(err.contains("line 2"), "{err}");
@@ -104,9 +128,13 @@ fn syntax_error_fails_at_compile_time() {
 
 #[test]
 fn render_error_is_one_line() {
-    let err = render("{{ messages[0].content.no_such_method() }}", &user("hi"), json!({}))
-        .unwrap_err()
-        .to_string();
+    let err = render(
+        "{{ messages[0].content.no_such_method() }}",
+        &user("hi"),
+        json!({}),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with("chat template"), "{err}");
     assert!(err.contains("no_such_method"), "{err}");
     assert!(!err.contains('\n'), "one line: {err}");
@@ -115,7 +143,11 @@ fn render_error_is_one_line() {
 #[test]
 fn bad_messages_are_errors() {
     let t = ChatTemplate::new("{{ messages }}", None, None).unwrap();
-    assert!(t.render(&json!([]), false).unwrap_err().to_string().contains("empty conversation"));
+    assert!(t
+        .render(&json!([]), false)
+        .unwrap_err()
+        .to_string()
+        .contains("empty conversation"));
     assert!(t.render(&json!(["not a message"]), false).is_err());
     assert!(t.render(&json!({"role": "user"}), false).is_err());
 }
@@ -142,13 +174,20 @@ fn tojson_matches_python_json_dumps() {
 fn tojson_indent_and_options() {
     let x = json!({"a": [1, 2], "b": "é", "c": {}, "d": []});
     let out = render("{{ x | tojson(indent=2) }}", &user("hi"), json!({ "x": x })).unwrap();
-    assert_eq!(out, "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": \"é\",\n  \"c\": {},\n  \"d\": []\n}");
+    assert_eq!(
+        out,
+        "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": \"é\",\n  \"c\": {},\n  \"d\": []\n}"
+    );
     let src = "{{ x | tojson(ensure_ascii=True, sort_keys=True, separators=(',', ':')) }}";
     let out = render(src, &user("hi"), json!({"x": {"b": "é🤖", "a": 1}})).unwrap();
     assert_eq!(out, r#"{"a":1,"b":"\u00e9\ud83e\udd16"}"#);
     // Messages keep their key order too.
-    let out = render("{{ messages[0] | tojson }}", &json!([{"role": "user", "content": "c", "a": 1}]), json!({}))
-        .unwrap();
+    let out = render(
+        "{{ messages[0] | tojson }}",
+        &json!([{"role": "user", "content": "c", "a": 1}]),
+        json!({}),
+    )
+    .unwrap();
     assert_eq!(out, r#"{"role": "user", "content": "c", "a": 1}"#);
 }
 
@@ -157,7 +196,10 @@ fn values_print_as_python_does() {
     let src = "{{ true }} {{ none }} {{ [1, 'a', none, 2.0] }} {{ {'k': false, \"it's\": (1,)} }} \
                {{ 1e-05 }} {{ 10 / 4 }} {{ 7 // 2 }} {{ true | string }}";
     let out = render(src, &user("hi"), json!({})).unwrap();
-    assert_eq!(out, r#"True None [1, 'a', None, 2.0] {'k': False, "it's": (1,)} 1e-05 2.5 3 True"#);
+    assert_eq!(
+        out,
+        r#"True None [1, 'a', None, 2.0] {'k': False, "it's": (1,)} 1e-05 2.5 3 True"#
+    );
 }
 
 #[test]
@@ -169,20 +211,32 @@ fn undefined_is_lenient_like_jinja2() {
 
 #[test]
 fn special_tokens_tools_and_documents() {
-    let src = "{{ bos_token is defined }} {{ tools is none }} {{ documents is none }} {{ eos_token }}";
+    let src =
+        "{{ bos_token is defined }} {{ tools is none }} {{ documents is none }} {{ eos_token }}";
     let t = ChatTemplate::new(src, None, Some("</s>")).unwrap();
-    assert_eq!(t.render(&user("hi"), false).unwrap(), "False True True </s>");
+    assert_eq!(
+        t.render(&user("hi"), false).unwrap(),
+        "False True True </s>"
+    );
     let mut extra = Map::new();
     extra.insert("tools".into(), json!([{"name": "f"}]));
     extra.insert("bos_token".into(), json!("<s>"));
-    assert_eq!(t.render_with(&user("hi"), false, &extra).unwrap(), "True False True </s>");
+    assert_eq!(
+        t.render_with(&user("hi"), false, &extra).unwrap(),
+        "True False True </s>"
+    );
     extra.insert("messages".into(), json!([]));
     assert!(t.render_with(&user("hi"), false, &extra).is_err());
 }
 
 #[test]
 fn add_generation_prompt_variable() {
-    let t = ChatTemplate::new("{% if add_generation_prompt %}GEN{% else %}NO{% endif %}", None, None).unwrap();
+    let t = ChatTemplate::new(
+        "{% if add_generation_prompt %}GEN{% else %}NO{% endif %}",
+        None,
+        None,
+    )
+    .unwrap();
     assert_eq!(t.render(&user("hi"), true).unwrap(), "GEN");
     assert_eq!(t.render(&user("hi"), false).unwrap(), "NO");
 }
@@ -196,7 +250,10 @@ fn messages_are_normalized_like_transformers() {
     // Reasoning is aliased to `thinking` (first) and `reasoning_content` (last).
     let src = "{{ messages[0] | list | join(',') }}|{{ messages[0].thinking }}|{{ messages[0].reasoning_content }}";
     let msgs = json!([{"role": "assistant", "content": "x", "reasoning": "r"}]);
-    assert_eq!(render(src, &msgs, json!({})).unwrap(), "thinking,role,content,reasoning,reasoning_content|r|r");
+    assert_eq!(
+        render(src, &msgs, json!({})).unwrap(),
+        "thinking,role,content,reasoning,reasoning_content|r|r"
+    );
 }
 
 #[test]
@@ -220,12 +277,16 @@ fn trim_blocks_lstrip_blocks_and_loop_controls() {
 fn template_newlines_are_normalized_like_jinja2() {
     // jinja2 writes "\n" for every newline of the template source (but not of the data).
     let src = "{% if true %}\r\nwin\r\n{% endif %}{{ messages[0].content }}\r\n";
-    assert_eq!(render(src, &user("a\r\nb"), json!({})).unwrap(), "win\na\r\nb");
+    assert_eq!(
+        render(src, &user("a\r\nb"), json!({})).unwrap(),
+        "win\na\r\nb"
+    );
 }
 
 #[test]
 fn generation_tags_render_their_body() {
-    let src = "{% for m in messages %}{%- generation -%}\n{{ m.content }}{% endgeneration %}{% endfor %}";
+    let src =
+        "{% for m in messages %}{%- generation -%}\n{{ m.content }}{% endgeneration %}{% endfor %}";
     assert_eq!(render(src, &user("hi"), json!({})).unwrap(), "hi");
 }
 

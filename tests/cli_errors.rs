@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn rlhf(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rlhf")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -21,8 +24,15 @@ fn expect_error(args: &[&str], needles: &[&str]) -> String {
     assert_ne!(code, 0, "expected failure for {args:?}; stdout: {stdout}");
     assert!(!stderr.contains("panicked"), "panic for {args:?}: {stderr}");
     let last = stderr.lines().last().unwrap_or("");
-    assert!(last.starts_with("error: "), "last stderr line is not an error: {stderr}");
-    assert_eq!(stderr.matches("error:").count(), 1, "more than one error line: {stderr}");
+    assert!(
+        last.starts_with("error: "),
+        "last stderr line is not an error: {stderr}"
+    );
+    assert_eq!(
+        stderr.matches("error:").count(),
+        1,
+        "more than one error line: {stderr}"
+    );
     for n in needles {
         assert!(last.contains(n), "error line lacks {n:?}: {last}");
     }
@@ -46,8 +56,20 @@ fn tmp_model(name: &str) -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn missing_model_is_named() {
-    expect_error(&["logprobs", "--model", "/nonexistent/model", "--ids", "1,2"], &["/nonexistent/model", "not found"]);
-    expect_error(&["logprobs", "--model", "no-such-org/no-such-model", "--ids", "1,2"], &["no-such-org/no-such-model"]);
+    expect_error(
+        &["logprobs", "--model", "/nonexistent/model", "--ids", "1,2"],
+        &["/nonexistent/model", "not found"],
+    );
+    expect_error(
+        &[
+            "logprobs",
+            "--model",
+            "no-such-org/no-such-model",
+            "--ids",
+            "1,2",
+        ],
+        &["no-such-org/no-such-model"],
+    );
 }
 
 #[test]
@@ -57,7 +79,10 @@ fn truncated_safetensors_names_the_file() {
     let len = std::fs::metadata(&f).unwrap().len();
     let data = std::fs::read(&f).unwrap();
     std::fs::write(&f, &data[..(len / 2) as usize]).unwrap();
-    expect_error(&["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"], &["model.safetensors"]);
+    expect_error(
+        &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+        &["model.safetensors"],
+    );
 }
 
 #[test]
@@ -68,39 +93,58 @@ fn lying_safetensors_header_names_the_file() {
     bytes.extend_from_slice(header);
     bytes.extend_from_slice(&[0u8; 64]); // far less data than the header claims
     std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
-    expect_error(&["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"], &["model.safetensors", "not a valid safetensors"]);
+    expect_error(
+        &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+        &["model.safetensors", "not a valid safetensors"],
+    );
 }
 
 #[test]
 fn shape_mismatch_names_the_tensor() {
     let (_t, dir) = tmp_model("llama-tied");
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["intermediate_size"] = serde_json::json!(48);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    expect_error(&["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"], &["mlp.gate_proj.weight", "shape", "[64, 32]", "[48, 32]"]);
+    expect_error(
+        &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+        &["mlp.gate_proj.weight", "shape", "[64, 32]", "[48, 32]"],
+    );
 }
 
 #[test]
 fn missing_tensor_is_named() {
     let (_t, dir) = tmp_model("qwen2-f16-sharded");
     // Drop one shard: the index still lists its tensors.
-    let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
-    let shard = index["weight_map"]["model.norm.weight"].as_str().unwrap().to_string();
+    let index: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let shard = index["weight_map"]["model.norm.weight"]
+        .as_str()
+        .unwrap()
+        .to_string();
     std::fs::remove_file(dir.join(&shard)).unwrap();
-    expect_error(&["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"], &[&shard, "missing"]);
+    expect_error(
+        &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+        &[&shard, "missing"],
+    );
 }
 
 #[test]
 fn unknown_architecture_is_an_error() {
     let (_t, dir) = tmp_model("gpt2");
     let cfg_path = dir.join("config.json");
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     cfg["model_type"] = serde_json::json!("bert");
     cfg["architectures"] = serde_json::json!(["BertForMaskedLM"]);
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
-    expect_error(&["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"], &["config.json", "BertForMaskedLM", "unsupported"]);
+    expect_error(
+        &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+        &["config.json", "BertForMaskedLM", "unsupported"],
+    );
 }
 
 #[test]
@@ -108,7 +152,10 @@ fn pickle_checkpoints_are_refused() {
     let (_t, dir) = tmp_model("gpt2");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("pytorch_model.bin"), b"not really a pickle").unwrap();
-    expect_error(&["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"], &["pickle"]);
+    expect_error(
+        &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+        &["pickle"],
+    );
 }
 
 #[test]
@@ -117,22 +164,49 @@ fn truncated_gguf_names_the_file() {
     let f = tmp.path().join("broken.gguf");
     let data = std::fs::read(fixture("models/llama-gguf/model.gguf")).unwrap();
     std::fs::write(&f, &data[..data.len() / 3]).unwrap();
-    expect_error(&["logprobs", "--model", f.to_str().unwrap(), "--ids", "1,2"], &["broken.gguf"]);
+    expect_error(
+        &["logprobs", "--model", f.to_str().unwrap(), "--ids", "1,2"],
+        &["broken.gguf"],
+    );
 }
 
 #[test]
 fn out_of_vocabulary_ids_and_empty_prompts_are_errors() {
     let m = model_path("llama-tied");
-    expect_error(&["logprobs", "--model", &m, "--ids", "1,2,5000"], &["5000", "vocab"]);
+    expect_error(
+        &["logprobs", "--model", &m, "--ids", "1,2,5000"],
+        &["5000", "vocab"],
+    );
     expect_error(&["logprobs", "--model", &m, "--ids", "1,x"], &["`x`"]);
     expect_error(&["logprobs", "--model", &m, "--ids", "7"], &["at least 2"]);
-    expect_error(&["generate", "--model", &m, "--prompt", ""], &["empty prompt"]);
+    expect_error(
+        &["generate", "--model", &m, "--prompt", ""],
+        &["empty prompt"],
+    );
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("prompts.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"fine\"}\n{\"prompt\": \"broken\"\n").unwrap();
-    expect_error(&["generate", "--model", &m, "--prompts", bad.to_str().unwrap()], &["prompts.jsonl:2"]);
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--prompts",
+            bad.to_str().unwrap(),
+        ],
+        &["prompts.jsonl:2"],
+    );
     std::fs::write(&bad, "{\"prompt\": \"fine\"}\n{\"text\": \"x\"}\n").unwrap();
-    expect_error(&["generate", "--model", &m, "--prompts", bad.to_str().unwrap()], &["prompts.jsonl:2", "\"prompt\""]);
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            &m,
+            "--prompts",
+            bad.to_str().unwrap(),
+        ],
+        &["prompts.jsonl:2", "\"prompt\""],
+    );
 }
 
 #[test]
@@ -140,17 +214,48 @@ fn convert_never_leaves_partial_output() {
     let tmp = tempfile::tempdir().unwrap();
     // A failing source: nothing is created.
     let out = tmp.path().join("out1");
-    expect_error(&["convert", "--model", "/nonexistent", "--out", out.to_str().unwrap()], &["not found"]);
+    expect_error(
+        &[
+            "convert",
+            "--model",
+            "/nonexistent",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["not found"],
+    );
     assert!(!out.exists());
     // An existing non-empty output is not overwritten.
     let out = tmp.path().join("out2");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("keep.txt"), "x").unwrap();
-    expect_error(&["convert", "--model", &model_path("gpt2"), "--out", out.to_str().unwrap()], &["already exists"]);
+    expect_error(
+        &[
+            "convert",
+            "--model",
+            &model_path("gpt2"),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["already exists"],
+    );
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
     // An unwritable location fails before anything is written.
-    expect_error(&["convert", "--model", &model_path("gpt2"), "--out", "/proc/rlhf-out"], &["/proc"]);
+    expect_error(
+        &[
+            "convert",
+            "--model",
+            &model_path("gpt2"),
+            "--out",
+            "/proc/rlhf-out",
+        ],
+        &["/proc"],
+    );
     // No staging directories are left behind in the parent.
-    let leftovers: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("partial")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
     assert!(leftovers.is_empty());
 }

@@ -12,17 +12,36 @@ fn converted_models_reload_with_identical_logprobs() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("converted");
         let status = Command::new(env!("CARGO_BIN_EXE_rlhf"))
-            .args(["convert", "--model", &model_path(m), "--out", out.to_str().unwrap()])
+            .args([
+                "convert",
+                "--model",
+                &model_path(m),
+                "--out",
+                out.to_str().unwrap(),
+            ])
             .output()
             .unwrap();
-        assert!(status.status.success(), "{m}: {}", String::from_utf8_lossy(&status.stderr));
-        for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(
+            status.status.success(),
+            "{m}: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ] {
             assert!(out.join(f).exists(), "{m}: {f} missing");
         }
         let reloaded = Checkpoint::load(out.to_str().unwrap(), false).unwrap();
         let g = golden(m);
         for case in g["single"].as_array().unwrap() {
-            let got = reloaded.model.sequence_logprobs(&[ids(&case["ids"])]).unwrap().remove(0);
+            let got = reloaded
+                .model
+                .sequence_logprobs(&[ids(&case["ids"])])
+                .unwrap()
+                .remove(0);
             let d = max_abs_diff(&got, &floats(&case["logprobs"]));
             assert!(d < 1e-4, "{m}: reloaded log-probs differ by {d}");
         }
@@ -39,8 +58,16 @@ fn converted_models_reload_with_identical_logprobs() {
             assert_eq!(w.shape(), &[c.hidden_size, c.intermediate_size]);
         }
         // The chat template travels with the tokenizer.
-        let tc: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap()).unwrap();
-        assert!(tc["chat_template"].as_str().unwrap().contains("<|im_start|>"), "{m}");
+        let tc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            tc["chat_template"]
+                .as_str()
+                .unwrap()
+                .contains("<|im_start|>"),
+            "{m}"
+        );
     }
 }

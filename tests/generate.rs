@@ -6,7 +6,11 @@ use rlhf::checkpoint::Checkpoint;
 use rlhf::generate::{generate, SamplingConfig};
 
 fn greedy(n: usize) -> SamplingConfig {
-    SamplingConfig { max_new_tokens: n, temperature: 0.0, ..Default::default() }
+    SamplingConfig {
+        max_new_tokens: n,
+        temperature: 0.0,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -31,9 +35,17 @@ fn sampler_logprobs_equal_a_fresh_forward_pass() {
     for m in MODELS {
         let ck = Checkpoint::load(&model_path(m), false).unwrap();
         let prompts = vec![vec![5, 9, 77], vec![100, 3, 4, 8, 200, 31, 7], vec![42]];
-        let cfg = SamplingConfig { max_new_tokens: 10, temperature: 1.0, seed: 7, ..Default::default() };
+        let cfg = SamplingConfig {
+            max_new_tokens: 10,
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let samples = generate(&ck.model, &prompts, &cfg).unwrap();
-        let seqs: Vec<Vec<u32>> = samples.iter().map(|s| [s.prompt.clone(), s.tokens.clone()].concat()).collect();
+        let seqs: Vec<Vec<u32>> = samples
+            .iter()
+            .map(|s| [s.prompt.clone(), s.tokens.clone()].concat())
+            .collect();
         let lp = ck.model.sequence_logprobs(&seqs).unwrap();
         for (s, row) in samples.iter().zip(&lp) {
             let recomputed = &row[s.prompt.len() - 1..];
@@ -50,12 +62,31 @@ fn sampler_logprobs_equal_a_fresh_forward_pass() {
 fn sampling_is_reproducible_and_seed_dependent() {
     let ck = Checkpoint::load(&model_path("llama-untied-bf16"), false).unwrap();
     let prompts = vec![vec![11, 12, 13], vec![40, 41]];
-    let cfg = SamplingConfig { max_new_tokens: 12, temperature: 1.0, seed: 3, ..Default::default() };
+    let cfg = SamplingConfig {
+        max_new_tokens: 12,
+        temperature: 1.0,
+        seed: 3,
+        ..Default::default()
+    };
     let a = generate(&ck.model, &prompts, &cfg).unwrap();
     let b = generate(&ck.model, &prompts, &cfg).unwrap();
-    assert_eq!(a.iter().map(|s| &s.tokens).collect::<Vec<_>>(), b.iter().map(|s| &s.tokens).collect::<Vec<_>>());
-    let c = generate(&ck.model, &prompts, &SamplingConfig { seed: 4, ..cfg.clone() }).unwrap();
-    assert_ne!(a[0].tokens, c[0].tokens, "different seeds should give different samples");
+    assert_eq!(
+        a.iter().map(|s| &s.tokens).collect::<Vec<_>>(),
+        b.iter().map(|s| &s.tokens).collect::<Vec<_>>()
+    );
+    let c = generate(
+        &ck.model,
+        &prompts,
+        &SamplingConfig {
+            seed: 4,
+            ..cfg.clone()
+        },
+    )
+    .unwrap();
+    assert_ne!(
+        a[0].tokens, c[0].tokens,
+        "different seeds should give different samples"
+    );
 }
 
 #[test]
@@ -67,12 +98,22 @@ fn rows_stop_on_their_own_stop_tokens() {
     let full: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["new_ids"])).collect();
     // Stop row 0 at its 3rd greedy token; the other rows must continue unchanged.
     let stop = full[0][2];
-    let cfg = SamplingConfig { stop_ids: vec![stop], ..greedy(8) };
+    let cfg = SamplingConfig {
+        stop_ids: vec![stop],
+        ..greedy(8)
+    };
     let out = generate(&ck.model, &prompts, &cfg).unwrap();
     for (i, want) in full.iter().enumerate() {
-        let cut = want.iter().position(|&t| t == stop).map_or(want.len(), |p| p + 1);
+        let cut = want
+            .iter()
+            .position(|&t| t == stop)
+            .map_or(want.len(), |p| p + 1);
         assert_eq!(out[i].tokens, want[..cut], "row {i}");
-        assert_eq!(out[i].stopped, cut < want.len() || want.last() == Some(&stop), "row {i}");
+        assert_eq!(
+            out[i].stopped,
+            cut < want.len() || want.last() == Some(&stop),
+            "row {i}"
+        );
     }
 }
 
@@ -81,12 +122,27 @@ fn top_k_one_is_greedy_and_top_p_truncates() {
     let ck = Checkpoint::load(&model_path("mistral"), false).unwrap();
     let prompts = vec![vec![11, 12, 13]];
     let g = generate(&ck.model, &prompts, &greedy(6)).unwrap();
-    let k1 = SamplingConfig { max_new_tokens: 6, temperature: 1.0, top_k: 1, seed: 9, ..Default::default() };
+    let k1 = SamplingConfig {
+        max_new_tokens: 6,
+        temperature: 1.0,
+        top_k: 1,
+        seed: 9,
+        ..Default::default()
+    };
     let s = generate(&ck.model, &prompts, &k1).unwrap();
     assert_eq!(s[0].tokens, g[0].tokens);
-    assert!(s[0].sampling_logprobs.iter().all(|&l| l.abs() < 1e-6), "top-1 sampling is certain");
+    assert!(
+        s[0].sampling_logprobs.iter().all(|&l| l.abs() < 1e-6),
+        "top-1 sampling is certain"
+    );
     // With top-p the sampling distribution is narrower: its log-probs are ≥ the model's.
-    let p = SamplingConfig { max_new_tokens: 6, temperature: 1.0, top_p: 0.5, seed: 9, ..Default::default() };
+    let p = SamplingConfig {
+        max_new_tokens: 6,
+        temperature: 1.0,
+        top_p: 0.5,
+        seed: 9,
+        ..Default::default()
+    };
     let s = generate(&ck.model, &prompts, &p).unwrap();
     for (a, b) in s[0].sampling_logprobs.iter().zip(&s[0].model_logprobs) {
         assert!(a >= b, "top-p log-prob {a} below model log-prob {b}");
@@ -97,17 +153,28 @@ fn top_k_one_is_greedy_and_top_p_truncates() {
 fn sampling_distribution_rules() {
     use rlhf::generate::sampling_logprobs;
     let logits = [2.0f32, 1.0, 0.5, 0.0, -1.0];
-    let cfg = SamplingConfig { temperature: 1.0, top_k: 2, ..Default::default() };
+    let cfg = SamplingConfig {
+        temperature: 1.0,
+        top_k: 2,
+        ..Default::default()
+    };
     let lp = sampling_logprobs(&logits, &cfg);
     assert!(lp[2..].iter().all(|x| *x == f32::NEG_INFINITY));
     let z = (2.0f32.exp() + 1.0f32.exp()).ln();
     assert!((lp[0] - (2.0 - z)).abs() < 1e-6);
     // top-p 0.6 keeps the smallest prefix reaching 0.6: probs ≈ .53, .20, .12, .07, .03 → 2 tokens.
-    let cfg = SamplingConfig { temperature: 1.0, top_p: 0.6, ..Default::default() };
+    let cfg = SamplingConfig {
+        temperature: 1.0,
+        top_p: 0.6,
+        ..Default::default()
+    };
     let lp = sampling_logprobs(&logits, &cfg);
     assert_eq!(lp.iter().filter(|x| x.is_finite()).count(), 2);
     // Temperature 0.5 doubles the logits.
-    let cfg = SamplingConfig { temperature: 0.5, ..Default::default() };
+    let cfg = SamplingConfig {
+        temperature: 0.5,
+        ..Default::default()
+    };
     let lp = sampling_logprobs(&logits, &cfg);
     assert!(((lp[0] - lp[1]) - 2.0).abs() < 1e-5);
 }

@@ -32,7 +32,12 @@ fn full_logits_match_transformers() {
         let inp = StepInputs::from_padded(&ck.model.config, &[seq], &[vec![1; n]]).unwrap();
         let logits = ck.model.forward(&inp, None).unwrap().squeeze(0).unwrap();
         let got: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-        let want: Vec<f32> = g["logits_first"].as_array().unwrap().iter().flat_map(|r| floats(r)).collect();
+        let want: Vec<f32> = g["logits_first"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(floats)
+            .collect();
         let d = max_abs_diff(&got, &want);
         assert!(d < TOL, "{m}: max |Δ logit| = {d}");
     }
@@ -52,7 +57,12 @@ fn left_padded_batch_matches_transformers_and_single_rows() {
             .map(|r| ids(r).into_iter().map(|x| x as u8).collect())
             .collect();
         // Our own derivation of position ids agrees with the one the golden used.
-        let want_pos: Vec<Vec<u32>> = b["position_ids"].as_array().unwrap().iter().map(ids).collect();
+        let want_pos: Vec<Vec<u32>> = b["position_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         assert_eq!(rlhf::ops::position_ids_from_mask(&mask), want_pos, "{m}");
         let inp = StepInputs::from_padded(&ck.model.config, &input, &mask).unwrap();
         let logits = ck.model.forward(&inp, None).unwrap();
@@ -71,8 +81,12 @@ fn left_padded_batch_matches_transformers_and_single_rows() {
             assert!(d < TOL, "{m} row {row}: max |Δ logprob| = {d}");
         }
         // The library's own batching (sequence_logprobs pads internally) gives the same numbers.
-        let singles: Vec<Vec<u32>> =
-            g["single"].as_array().unwrap().iter().map(|c| ids(&c["ids"])).collect();
+        let singles: Vec<Vec<u32>> = g["single"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| ids(&c["ids"]))
+            .collect();
         let batched = ck.model.sequence_logprobs(&singles).unwrap();
         for (row, case) in g["single"].as_array().unwrap().iter().enumerate() {
             let d = max_abs_diff(&batched[row], &floats(&case["logprobs"]));

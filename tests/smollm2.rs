@@ -9,7 +9,10 @@ fn smollm2() -> Checkpoint {
     let root = std::env::var("RLHF_ASSETS")
         .unwrap_or_else(|_| format!("{}/.cache/rlhf-assets", std::env::var("HOME").unwrap()));
     let path = format!("{root}/smollm2-135m-instruct/model.gguf");
-    assert!(std::path::Path::new(&path).exists(), "{path} missing: run shared/fetch-assets.sh");
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path} missing: run shared/fetch-assets.sh"
+    );
     Checkpoint::load(&path, false).unwrap()
 }
 
@@ -24,9 +27,15 @@ fn smollm2_tokens_loss_and_greedy_answer() {
     let loss = -lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64;
     assert!((loss - 4.46098).abs() < 1e-3, "mean loss {loss}");
 
-    let messages = serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]);
+    let messages =
+        serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]);
     let (_, prompt) = rlhf::chat::apply_chat_template(tok, &messages, true).unwrap();
-    let cfg = SamplingConfig { max_new_tokens: 24, temperature: 0.0, stop_ids: ck.stop_token_ids(), ..Default::default() };
+    let cfg = SamplingConfig {
+        max_new_tokens: 24,
+        temperature: 0.0,
+        stop_ids: ck.stop_token_ids(),
+        ..Default::default()
+    };
     let out = generate(&ck.model, &[prompt], &cfg).unwrap();
     let text = tok.decode(&out[0].tokens, true).unwrap();
     assert!(text.contains("Paris"), "answer: {text}");

@@ -8,18 +8,25 @@ use rlhf::tokenize::Tokenizer;
 use serde_json::Value;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 fn load(name: &str) -> (Tokenizer, Value) {
     let dir = fixture(name);
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
-    let golden = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let golden =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     (tok, golden)
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn check_encode_decode(name: &str, expect_with_special: bool) {
@@ -29,18 +36,34 @@ fn check_encode_decode(name: &str, expect_with_special: bool) {
     let mut with_special = 0;
     for case in encode {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(tok.encode(text, false).unwrap(), ids(&case["ids"]), "{name}: encode {text:?}");
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&case["ids"]),
+            "{name}: encode {text:?}"
+        );
         if let Some(want) = case.get("ids_with_special") {
-            assert_eq!(tok.encode(text, true).unwrap(), ids(want), "{name}: encode+special {text:?}");
+            assert_eq!(
+                tok.encode(text, true).unwrap(),
+                ids(want),
+                "{name}: encode+special {text:?}"
+            );
             with_special += 1;
         }
     }
-    assert_eq!(with_special > 0, expect_with_special, "{name}: ids_with_special cases");
+    assert_eq!(
+        with_special > 0,
+        expect_with_special,
+        "{name}: ids_with_special cases"
+    );
     let decode = golden["decode"].as_array().unwrap();
     assert!(!decode.is_empty());
     for case in decode {
         let want = case["text"].as_str().unwrap();
-        assert_eq!(tok.decode(&ids(&case["ids"]), false).unwrap(), want, "{name}: decode");
+        assert_eq!(
+            tok.decode(&ids(&case["ids"]), false).unwrap(),
+            want,
+            "{name}: decode"
+        );
     }
 }
 
@@ -67,13 +90,25 @@ fn gguf_tokenizer_matches_hf_tokenizer() {
     for case in golden["encode"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
         let want = ids(&case["ids"]);
-        assert_eq!(from_gguf.encode(text, false).unwrap(), want, "gguf encode {text:?}");
+        assert_eq!(
+            from_gguf.encode(text, false).unwrap(),
+            want,
+            "gguf encode {text:?}"
+        );
         // add_bos_token is false in the GGUF, so special tokens add nothing.
-        assert_eq!(from_gguf.encode(text, true).unwrap(), want, "gguf encode+special {text:?}");
+        assert_eq!(
+            from_gguf.encode(text, true).unwrap(),
+            want,
+            "gguf encode+special {text:?}"
+        );
     }
     for case in golden["decode"].as_array().unwrap() {
         let want = case["text"].as_str().unwrap();
-        assert_eq!(from_gguf.decode(&ids(&case["ids"]), false).unwrap(), want, "gguf decode");
+        assert_eq!(
+            from_gguf.decode(&ids(&case["ids"]), false).unwrap(),
+            want,
+            "gguf decode"
+        );
     }
     assert!(from_gguf.chat_template.is_some());
     assert_eq!(from_gguf.chat_template, hf.chat_template);

@@ -16,6 +16,9 @@ pub struct ConvertArgs {
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let ck = super::load_for_inference(&args.model)?;
     let out = ck.save(&args.out)?;
-    eprintln!("wrote {} (float32 safetensors, config, tokenizer)", out.display());
+    eprintln!(
+        "wrote {} (float32 safetensors, config, tokenizer)",
+        out.display()
+    );
     Ok(())
 }

@@ -101,7 +101,11 @@ fn build_prompts(args: &GenerateArgs, ck: &Checkpoint) -> Result<Vec<Prompt>> {
             _ => bail!("{at}: prompt must be a string or a list of messages"),
         };
         let ids = match (&messages, &v) {
-            (Some(m), _) => crate::chat::apply_chat_template(tok, m, true).with_context(|| at.clone())?.1,
+            (Some(m), _) => {
+                crate::chat::apply_chat_template(tok, m, true)
+                    .with_context(|| at.clone())?
+                    .1
+            }
             (None, Value::String(s)) => {
                 if s.is_empty() {
                     bail!("{at}: empty prompt");
@@ -113,7 +117,10 @@ fn build_prompts(args: &GenerateArgs, ck: &Checkpoint) -> Result<Vec<Prompt>> {
         if ids.is_empty() {
             bail!("{at}: prompt tokenizes to nothing");
         }
-        out.push(Prompt { shown: messages.unwrap_or(v), ids });
+        out.push(Prompt {
+            shown: messages.unwrap_or(v),
+            ids,
+        });
     }
     Ok(out)
 }
@@ -125,12 +132,19 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let ck = super::load_for_inference(&args.model)?;
     let tok = ck.tokenizer()?;
     let prompts = build_prompts(args, &ck)?;
-    let mut stop_ids = if args.ignore_eos { vec![] } else { ck.stop_token_ids() };
+    let mut stop_ids = if args.ignore_eos {
+        vec![]
+    } else {
+        ck.stop_token_ids()
+    };
     for s in &args.stop {
         let ids = tok.encode(s, false)?;
         match ids.as_slice() {
             [id] => stop_ids.push(*id),
-            _ => bail!("--stop {s:?} is {} tokens; stop strings must be a single token", ids.len()),
+            _ => bail!(
+                "--stop {s:?} is {} tokens; stop strings must be a single token",
+                ids.len()
+            ),
         }
     }
     let mut cfg = SamplingConfig {
@@ -142,8 +156,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         seed: args.seed,
     };
     // Each (prompt, sample) pair is one row; rows go through in batches.
-    let rows: Vec<(usize, usize)> =
-        (0..prompts.len()).flat_map(|p| (0..args.num_samples).map(move |s| (p, s))).collect();
+    let rows: Vec<(usize, usize)> = (0..prompts.len())
+        .flat_map(|p| (0..args.num_samples).map(move |s| (p, s)))
+        .collect();
     let start = Instant::now();
     let mut new_tokens = 0usize;
     for (b, chunk) in rows.chunks(args.batch_size).enumerate() {

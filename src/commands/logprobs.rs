@@ -23,7 +23,10 @@ pub fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(|x| x.trim())
         .filter(|x| !x.is_empty())
-        .map(|x| x.parse::<u32>().with_context(|| format!("--ids: `{x}` is not a token id")))
+        .map(|x| {
+            x.parse::<u32>()
+                .with_context(|| format!("--ids: `{x}` is not a token id"))
+        })
         .collect()
 }
 
@@ -42,7 +45,10 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }
-    let lp = ck.model.sequence_logprobs(std::slice::from_ref(&ids))?.remove(0);
+    let lp = ck
+        .model
+        .sequence_logprobs(std::slice::from_ref(&ids))?
+        .remove(0);
     if args.json {
         println!("{}", json!({"ids": ids, "logprobs": lp}));
         return Ok(());
@@ -50,10 +56,16 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
     let tok = ck.tokenizer.as_ref();
     println!("{:>6}  {:>8}  {:>10}  token", "pos", "id", "logprob");
     for (i, (&id, &l)) in ids.iter().skip(1).zip(&lp).enumerate() {
-        let piece = tok.and_then(|t| t.decode(&[id], false).ok()).unwrap_or_default();
+        let piece = tok
+            .and_then(|t| t.decode(&[id], false).ok())
+            .unwrap_or_default();
         println!("{:>6}  {:>8}  {:>10.4}  {:?}", i + 1, id, l, piece);
     }
     let loss = -lp.iter().map(|&x| x as f64).sum::<f64>() / lp.len() as f64;
-    println!("mean loss {loss:.5} (perplexity {:.3}) over {} predicted tokens", loss.exp(), lp.len());
+    println!(
+        "mean loss {loss:.5} (perplexity {:.3}) over {} predicted tokens",
+        loss.exp(),
+        lp.len()
+    );
     Ok(())
 }

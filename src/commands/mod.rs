@@ -25,7 +25,13 @@ pub fn load_for_inference(spec: &str) -> Result<Checkpoint> {
         eprintln!(
             "note: {} checkpoint tensor(s) not used by the causal LM: {}",
             ck.model.unused_tensors.len(),
-            ck.model.unused_tensors.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            ck.model
+                .unused_tensors
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(ck)

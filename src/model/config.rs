@@ -42,7 +42,9 @@ impl Activation {
 pub enum RopeScaling {
     None,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's piecewise scaling of low frequencies.
     Llama3 {
         factor: f64,
@@ -109,7 +111,11 @@ fn opt_bool(v: &Value, key: &str) -> Option<bool> {
 pub fn token_id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(Value::as_u64)
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -157,9 +163,13 @@ impl ModelConfig {
         let is_qwen2 = model_type == "qwen2";
         let attention_bias = opt_bool(&raw, "attention_bias").unwrap_or(false);
         // transformers 5 writes `rope_parameters`; earlier versions `rope_scaling` + `rope_theta`.
-        let rope_scaling = parse_rope_scaling(raw.get("rope_scaling").or(raw.get("rope_parameters")))?;
+        let rope_scaling =
+            parse_rope_scaling(raw.get("rope_scaling").or(raw.get("rope_parameters")))?;
         let rope_theta = opt_f64(&raw, "rope_theta")
-            .or_else(|| raw.get("rope_parameters").and_then(|r| opt_f64(r, "rope_theta")))
+            .or_else(|| {
+                raw.get("rope_parameters")
+                    .and_then(|r| opt_f64(r, "rope_theta"))
+            })
             .unwrap_or(10000.0);
         let sliding_window = if model_type == "mistral" {
             opt_usize(&raw, "sliding_window")
@@ -186,7 +196,9 @@ impl ModelConfig {
             o_bias: !is_qwen2 && attention_bias,
             mlp_bias: opt_bool(&raw, "mlp_bias").unwrap_or(false),
             activation: Activation::parse(
-                raw.get("hidden_act").and_then(Value::as_str).unwrap_or("silu"),
+                raw.get("hidden_act")
+                    .and_then(Value::as_str)
+                    .unwrap_or("silu"),
             )?,
             sliding_window,
             scale_attn_by_inverse_layer_idx: false,
@@ -246,20 +258,29 @@ impl ModelConfig {
 
     fn validate(&self) -> Result<()> {
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
-            bail!("num_attention_heads, num_key_value_heads and num_hidden_layers must be positive");
+            bail!(
+                "num_attention_heads, num_key_value_heads and num_hidden_layers must be positive"
+            );
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             bail!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
-        if self.family == Family::Gpt2 && self.hidden_size % self.num_heads != 0 {
-            bail!("n_embd ({}) is not a multiple of n_head ({})", self.hidden_size, self.num_heads);
+        if self.family == Family::Gpt2 && !self.hidden_size.is_multiple_of(self.num_heads) {
+            bail!(
+                "n_embd ({}) is not a multiple of n_head ({})",
+                self.hidden_size,
+                self.num_heads
+            );
         }
-        if self.head_dim % 2 != 0 && self.family == Family::Llama {
-            bail!("head_dim ({}) must be even for rotary embeddings", self.head_dim);
+        if !self.head_dim.is_multiple_of(2) && self.family == Family::Llama {
+            bail!(
+                "head_dim ({}) must be even for rotary embeddings",
+                self.head_dim
+            );
         }
         if self.vocab_size == 0 || self.hidden_size == 0 {
             bail!("vocab_size and hidden_size must be positive");
@@ -293,7 +314,9 @@ impl ModelConfig {
 }
 
 fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling> {
-    let Some(v) = v else { return Ok(RopeScaling::None) };
+    let Some(v) = v else {
+        return Ok(RopeScaling::None);
+    };
     if v.is_null() {
         return Ok(RopeScaling::None);
     }
@@ -346,8 +369,8 @@ pub fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f32> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old_ctx / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })

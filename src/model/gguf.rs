@@ -19,12 +19,16 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let content = Content::read(&mut f)
             .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
         let arch = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
-            _ => bail!("{}: GGUF metadata has no general.architecture", path.display()),
+            _ => bail!(
+                "{}: GGUF metadata has no general.architecture",
+                path.display()
+            ),
         };
         Ok(GgufFile { content, arch })
     }
@@ -56,7 +60,8 @@ impl GgufFile {
 
     fn arch_u64(&self, key: &str) -> Result<u64> {
         let full = format!("{}.{key}", self.arch);
-        self.meta_u64(&full).with_context(|| format!("GGUF metadata key `{full}` missing"))
+        self.meta_u64(&full)
+            .with_context(|| format!("GGUF metadata key `{full}` missing"))
     }
 
     /// A transformers-style config.json for this checkpoint.
@@ -113,7 +118,8 @@ impl GgufFile {
 
     /// Dequantises every tensor to f32 under transformers' names, undoing the Q/K permutation.
     pub fn weights(&self, path: &Path, cfg: &ModelConfig) -> Result<WeightMap> {
-        let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let permute = self.arch == "llama";
         let mut map = WeightMap::default();
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
@@ -121,23 +127,31 @@ impl GgufFile {
         for name in names {
             let Some(hf) = hf_name(name) else {
                 if name == "rope_freqs.weight" {
-                    bail!("{}: GGUF rope_freqs (Llama 3.1 rope scaling) is not supported", path.display());
+                    bail!(
+                        "{}: GGUF rope_freqs (Llama 3.1 rope scaling) is not supported",
+                        path.display()
+                    );
                 }
                 bail!("{}: unexpected GGUF tensor `{name}`", path.display());
             };
             let q = self
                 .content
                 .tensor(&mut f, name, &Device::Cpu)
-                .map_err(|e| anyhow::anyhow!("{}: cannot read tensor `{name}`: {e}", path.display()))?;
-            let mut t = q
-                .dequantize(&Device::Cpu)
-                .map_err(|e| anyhow::anyhow!("{}: cannot dequantise `{name}`: {e}", path.display()))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: cannot read tensor `{name}`: {e}", path.display())
+                })?;
+            let mut t = q.dequantize(&Device::Cpu).map_err(|e| {
+                anyhow::anyhow!("{}: cannot dequantise `{name}`: {e}", path.display())
+            })?;
             if permute && name.ends_with("attn_q.weight") {
                 t = unpermute_rows(&t, cfg.num_heads)?;
             } else if permute && name.ends_with("attn_k.weight") {
                 t = unpermute_rows(&t, cfg.num_kv_heads)?;
             } else if permute && (name.ends_with("attn_q.bias") || name.ends_with("attn_k.bias")) {
-                bail!("{}: permuted Q/K biases in GGUF are not supported", path.display());
+                bail!(
+                    "{}: permuted Q/K biases in GGUF are not supported",
+                    path.display()
+                );
             }
             map.insert(hf, t, path.to_path_buf());
         }

@@ -43,9 +43,17 @@ fn is_conv1d(name: &str) -> bool {
 
 impl Gpt2 {
     pub fn load(cfg: &ModelConfig, w: &mut WeightMap, pc: &mut ParamCollector) -> Result<Self> {
-        let (d, v, f, npos) =
-            (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.max_position_embeddings);
-        let prefix = if w.contains("transformer.wte.weight") { "transformer." } else { "" };
+        let (d, v, f, npos) = (
+            cfg.hidden_size,
+            cfg.vocab_size,
+            cfg.intermediate_size,
+            cfg.max_position_embeddings,
+        );
+        let prefix = if w.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
         let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let full = format!("{prefix}{name}");
             let t = if is_conv1d(name) {
@@ -84,7 +92,10 @@ impl Gpt2 {
                 mlp_proj: linear("mlp.c_proj", d, f)?,
             });
         }
-        let ln_f = Norm { weight: get("ln_f.weight", &[d])?, bias: get("ln_f.bias", &[d])? };
+        let ln_f = Norm {
+            weight: get("ln_f.weight", &[d])?,
+            bias: get("ln_f.bias", &[d])?,
+        };
         for i in 0..cfg.num_layers {
             // Causal-mask buffers that old checkpoints carry.
             w.remove(&format!("{prefix}h.{i}.attn.bias"));
@@ -97,7 +108,13 @@ impl Gpt2 {
             let t = w.take("lm_head.weight", &[v, d])?;
             Some(pc.add("lm_head.weight", t)?)
         };
-        Ok(Gpt2 { wte, wpe, blocks, ln_f, lm_head })
+        Ok(Gpt2 {
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+        })
     }
 
     pub fn forward_hidden(
@@ -109,7 +126,10 @@ impl Gpt2 {
         let (b, t) = inp.ids.dims2()?;
         let (h, hd, d) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
         let pos: Vec<u32> = inp.position_ids.iter().flatten().copied().collect();
-        if let Some(&p) = pos.iter().find(|&&p| p as usize >= cfg.max_position_embeddings) {
+        if let Some(&p) = pos
+            .iter()
+            .find(|&&p| p as usize >= cfg.max_position_embeddings)
+        {
             candle_core::bail!(
                 "position {p} is beyond GPT-2's {} learned positions (n_positions)",
                 cfg.max_position_embeddings
@@ -122,7 +142,10 @@ impl Gpt2 {
             let hn = ops::layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
             let qkv = blk.c_attn.forward(&hn)?;
             let split = |j: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(D::Minus1, j * d, d)?.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous()
+                qkv.narrow(D::Minus1, j * d, d)?
+                    .reshape((b, t, h, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let (k, v) = match cache.as_deref_mut() {
@@ -170,7 +193,10 @@ impl Gpt2 {
             out.push((format!("{p}.ln_2.weight"), blk.ln_2.weight.clone()));
             out.push((format!("{p}.ln_2.bias"), blk.ln_2.bias.clone()));
         }
-        out.push(("transformer.ln_f.weight".to_string(), self.ln_f.weight.clone()));
+        out.push((
+            "transformer.ln_f.weight".to_string(),
+            self.ln_f.weight.clone(),
+        ));
         out.push(("transformer.ln_f.bias".to_string(), self.ln_f.bias.clone()));
         if let (false, Some(head)) = (cfg.tie_word_embeddings, &self.lm_head) {
             out.push(("lm_head.weight".to_string(), head.clone()));

@@ -42,9 +42,16 @@ pub struct Llama {
 impl Llama {
     pub fn load(cfg: &ModelConfig, w: &mut WeightMap, pc: &mut ParamCollector) -> Result<Self> {
         let (d, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let (qd, kvd) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
         // Checkpoints of the bare LlamaModel have no "model." prefix.
-        let prefix = if w.contains("model.embed_tokens.weight") { "model." } else { "" };
+        let prefix = if w.contains("model.embed_tokens.weight") {
+            "model."
+        } else {
+            ""
+        };
         let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let t = w.take(&format!("{prefix}{name}"), shape)?;
             Ok(pc.add(&format!("model.{name}"), t)?)
@@ -56,7 +63,11 @@ impl Llama {
             let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 Ok(Linear {
                     weight: get(&format!("{p}.{name}.weight"), &[out, inp])?,
-                    bias: if bias { Some(get(&format!("{p}.{name}.bias"), &[out])?) } else { None },
+                    bias: if bias {
+                        Some(get(&format!("{p}.{name}.bias"), &[out])?)
+                    } else {
+                        None
+                    },
                 })
             };
             let attn = Attention {
@@ -85,7 +96,13 @@ impl Llama {
             let t = w.take("lm_head.weight", &[v, d])?;
             Some(pc.add("lm_head.weight", t)?)
         };
-        Ok(Llama { embed, blocks, norm, lm_head, inv_freq: super::config::rope_inv_freq(cfg) })
+        Ok(Llama {
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq: super::config::rope_inv_freq(cfg),
+        })
     }
 
     /// Final hidden states [B, T, D] (after the last norm).
@@ -149,7 +166,10 @@ impl Llama {
             lin("mlp.up_proj", &blk.mlp.up);
             lin("mlp.down_proj", &blk.mlp.down);
             out.push((format!("{p}.input_layernorm.weight"), blk.attn_norm.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), blk.mlp_norm.clone()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                blk.mlp_norm.clone(),
+            ));
         }
         out.push(("model.norm.weight".to_string(), self.norm.clone()));
         if let (false, Some(head)) = (cfg.tie_word_embeddings, &self.lm_head) {

@@ -44,7 +44,10 @@ impl StepInputs {
 pub fn check_ids(cfg: &ModelConfig, ids: &[Vec<u32>]) -> Result<()> {
     for row in ids {
         if let Some(&bad) = row.iter().find(|&&i| i as usize >= cfg.vocab_size) {
-            bail!("token id {bad} is out of the vocabulary (vocab_size {})", cfg.vocab_size);
+            bail!(
+                "token id {bad} is out of the vocabulary (vocab_size {})",
+                cfg.vocab_size
+            );
         }
     }
     Ok(())
@@ -57,11 +60,18 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        KvCache { layers: vec![None; num_layers] }
+        KvCache {
+            layers: vec![None; num_layers],
+        }
     }
 
     /// Appends this step's keys and values for `layer`; returns all of them.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let (k, v) = match &self.layers[layer] {
             None => (k.contiguous()?, v.contiguous()?),
             Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
@@ -115,17 +125,33 @@ pub struct CausalLm {
 
 impl CausalLm {
     /// Builds the model from checkpoint tensors. With `trainable`, every weight becomes a `Var`.
-    pub fn from_weights(config: ModelConfig, mut weights: WeightMap, trainable: bool) -> Result<Self> {
-        let mut pc = ParamCollector { trainable, params: vec![] };
+    pub fn from_weights(
+        config: ModelConfig,
+        mut weights: WeightMap,
+        trainable: bool,
+    ) -> Result<Self> {
+        let mut pc = ParamCollector {
+            trainable,
+            params: vec![],
+        };
         let body = match config.family {
             Family::Llama => Body::Llama(llama::Llama::load(&config, &mut weights, &mut pc)?),
             Family::Gpt2 => Body::Gpt2(gpt2::Gpt2::load(&config, &mut weights, &mut pc)?),
         };
-        Ok(CausalLm { config, body, params: pc.params, unused_tensors: weights.leftover() })
+        Ok(CausalLm {
+            config,
+            body,
+            params: pc.params,
+            unused_tensors: weights.leftover(),
+        })
     }
 
     /// Final-norm hidden states [B, T, D].
-    pub fn forward_hidden(&self, inp: &StepInputs, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        inp: &StepInputs,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
         match &self.body {
             Body::Llama(m) => m.forward_hidden(&self.config, inp, cache),
             Body::Gpt2(m) => m.forward_hidden(&self.config, inp, cache),
@@ -151,7 +177,11 @@ impl CausalLm {
         hidden.reshape((rows, d))?.matmul(&w.t()?)?.reshape(out)
     }
 
-    pub fn forward(&self, inp: &StepInputs, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        inp: &StepInputs,
+        cache: Option<&mut KvCache>,
+    ) -> candle_core::Result<Tensor> {
         self.logits(&self.forward_hidden(inp, cache)?)
     }
 
@@ -174,13 +204,25 @@ impl CausalLm {
         if seqs.iter().any(|s| s.len() < 2) {
             bail!("log-probabilities need at least 2 tokens per sequence");
         }
-        let pad = self.config.pad_token_id.unwrap_or(0).min(self.config.vocab_size as u32 - 1);
+        let pad = self
+            .config
+            .pad_token_id
+            .unwrap_or(0)
+            .min(self.config.vocab_size as u32 - 1);
         let mut ids = Vec::with_capacity(seqs.len());
         let mut mask = Vec::with_capacity(seqs.len());
         for s in seqs {
             let n = t - s.len();
-            ids.push(std::iter::repeat_n(pad, n).chain(s.iter().copied()).collect::<Vec<_>>());
-            mask.push(std::iter::repeat_n(0u8, n).chain(std::iter::repeat_n(1u8, s.len())).collect::<Vec<_>>());
+            ids.push(
+                std::iter::repeat_n(pad, n)
+                    .chain(s.iter().copied())
+                    .collect::<Vec<_>>(),
+            );
+            mask.push(
+                std::iter::repeat_n(0u8, n)
+                    .chain(std::iter::repeat_n(1u8, s.len()))
+                    .collect::<Vec<_>>(),
+            );
         }
         let inp = StepInputs::from_padded(&self.config, &ids, &mask)?;
         let logits = self.forward(&inp, None)?;

@@ -77,7 +77,8 @@ impl WeightMap {
 
 /// Reads every tensor of one safetensors file, converting f16/bf16/f64 to f32.
 pub fn read_safetensors(path: &Path, into: &mut WeightMap) -> Result<()> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the file is opened read-only and the mapping lives only for this function; we copy
     // every tensor out before returning.
     let mmap = unsafe { memmap2::Mmap::map(&file) }
@@ -134,16 +135,24 @@ pub fn read_hf_weights(dir: &Path) -> Result<WeightMap> {
         let wanted: HashMap<&String, &serde_json::Value> = weight_map.iter().collect();
         for name in wanted.keys() {
             if !map.contains(name) {
-                bail!("{}: tensor `{name}` is listed but not found in its shard", index.display());
+                bail!(
+                    "{}: tensor `{name}` is listed but not found in its shard",
+                    index.display()
+                );
             }
         }
-    } else if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+    } else if dir.join("pytorch_model.bin").exists()
+        || dir.join("pytorch_model.bin.index.json").exists()
+    {
         bail!(
             "{}: only pickle weights (pytorch_model.bin) found; rlhf never loads pickle. Convert to safetensors first",
             dir.display()
         );
     } else {
-        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+        bail!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        );
     }
     Ok(map)
 }

@@ -118,7 +118,8 @@ pub fn attention_bias(key_mask: &[Vec<u8>], q_len: usize, window: Option<usize>)
             for (j, (o, &k)) in out.iter_mut().zip(keys.iter()).enumerate() {
                 // A padding query sees at least itself, so no row is fully masked: its (unused)
                 // output stays well defined and its gradient exact.
-                let visible = (k != 0 && j <= abs_q && window.is_none_or(|w| abs_q - j < w)) || j == abs_q;
+                let visible =
+                    (k != 0 && j <= abs_q && window.is_none_or(|w| abs_q - j < w)) || j == abs_q;
                 if !visible {
                     *o = MASKED;
                 }
