@@ -84,3 +84,18 @@ impl Drop for StagedDir {
         }
     }
 }
+
+/// An error and its causes on one line, outermost first. Only the first line of each is kept:
+/// candle appends a backtrace to its messages when RUST_BACKTRACE is set.
+pub fn one_line_error(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let first = text.lines().next().unwrap_or("").trim().to_string();
+        // Contexts often repeat their cause's text; keep each piece once.
+        if !first.is_empty() && !parts.iter().any(|p| p.contains(&first)) {
+            parts.push(first);
+        }
+    }
+    parts.join(": ")
+}

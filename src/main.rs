@@ -32,9 +32,7 @@ fn main() {
         Command::Convert(a) => commands::convert::run(a),
     };
     if let Err(e) = result {
-        // One line: the whole context chain, outermost first.
-        let msg = format!("{e:#}").replace('\n', " ");
-        eprintln!("error: {msg}");
+        eprintln!("error: {}", rlhf::io::one_line_error(&e));
         std::process::exit(1);
     }
 }
