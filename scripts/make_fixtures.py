@@ -4,8 +4,9 @@
 Everything is made locally from fixed seeds: a tiny byte-level BPE tokenizer trained on
 text embedded in this file, tiny random Hugging Face causal LMs (Llama, Llama-3 rope
 scaling, Qwen2, Mistral, GPT-2) and a llama.cpp-style GGUF file, plus golden outputs
-(token ids, chat renderings, log-probs, logits, greedy generations) computed with
-`transformers`.  The Rust tests compare against these files; they never run Python.
+(token ids, chat renderings, assistant-token masks, log-probs, logits, greedy
+generations) computed with `transformers`.  The Rust tests compare against these files;
+they never run Python.
 
 Setup (a throwaway venv outside the repo; only PyPI is needed, the CPU is enough):
 
@@ -79,6 +80,40 @@ LLAMA3_TEMPLATE = (
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' %}"
     "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
     "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+# The same two templates with each assistant message's content and its end-of-turn token
+# wrapped in {% generation %}...{% endgeneration %}, for transformers'
+# return_assistant_tokens_mask.  They render exactly the same text as the templates above
+# (asserted); the role header and ChatML's "\n" after <|im_end|> stay outside the tags.
+CHATML_GEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA3_GEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% set header = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' %}"
+    "{% if loop.index0 == 0 %}{% set header = bos_token + header %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ header }}"
+    "{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}"
+    "{{ header + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
@@ -250,8 +285,93 @@ CHATS = [
       {"role": "assistant", "content": "Why did the chicken cross the road?  To get to the other side."}], False),
 ]
 
+# Conversations for the assistant-token masks (all rendered with add_generation_prompt=False).
+MASK_CHATS = [
+    # single turn, no system message (ChatML adds its default system prompt)
+    [{"role": "user", "content": "What is the capital of France?"},
+     {"role": "assistant", "content": "The capital of France is Paris."}],
+    # multi-turn with a system message and three assistant replies
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Count to three."},
+     {"role": "assistant", "content": "1, 2, 3."},
+     {"role": "user", "content": "Now backwards, please!"},
+     {"role": "assistant", "content": "3, 2, 1."},
+     {"role": "user", "content": "Thank you."},
+     {"role": "assistant", "content": "You are welcome!"}],
+    # unicode; an assistant reply with leading spaces, inner newlines and indentation and a
+    # trailing newline (the Llama-3 template trims the outer whitespace, ChatML keeps it)
+    [{"role": "user", "content": "¿Qué es 日本語? Answer in a list 🤖"},
+     {"role": "assistant", "content": "  It is Japanese:\n\n- 日本 (Japan)\n  - 語 (language)\nC'est naïve, café ñ.\n"}],
+    # ends with a user message: no trailing assistant turn
+    [{"role": "system", "content": "Be kind."},
+     {"role": "user", "content": "Tell me a joke."},
+     {"role": "assistant", "content": "Why did the chicken cross the road?  To get to the other side."},
+     {"role": "user", "content": "Another one, please."}],
+]
 
-def make_golden_tokenizer(dirpath: Path, with_special_variant: bool) -> dict:
+
+def make_assistant_masks(hf, gen_template: str) -> list[dict]:
+    """apply_chat_template(..., return_assistant_tokens_mask=True) with the generation-tag
+    variant of the fixture's template; the text must equal the plain template's."""
+    cases = []
+    for messages in MASK_CHATS:
+        plain = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                      chat_template=gen_template)
+        assert text == plain, (text, plain)
+        out = hf.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                     return_assistant_tokens_mask=True,
+                                     add_generation_prompt=False, chat_template=gen_template)
+        ids = as_id_list(out["input_ids"])
+        mask = [int(m) for m in out["assistant_masks"]]
+        assert ids == hf(text, add_special_tokens=False)["input_ids"]
+        assert ids == as_id_list(hf.apply_chat_template(messages, tokenize=True,
+                                                        add_generation_prompt=False))
+        assert len(mask) == len(ids) and set(mask) <= {0, 1}
+        n_asst = sum(m["role"] == "assistant" for m in messages)
+        runs = sum(1 for i, m in enumerate(mask) if m and (i == 0 or not mask[i - 1]))
+        assert runs == n_asst, (runs, n_asst)  # one contiguous run per assistant message
+        cases.append({"messages": messages, "text": text, "ids": ids, "assistant_mask": mask})
+    return cases
+
+
+def prefix_diff_mask(hf, messages: list[dict]) -> list[int]:
+    """The "prefix-diff" rule, with the fixture's own template (no generation tags): the
+    span of assistant message i is [len(render(messages[:i], add_generation_prompt=True)),
+    len(render(messages[:i+1]).rstrip())) in the full rendering, and a token is masked iff
+    its character offsets (fast tokenizer, add_special_tokens=False) lie inside a span."""
+    def render(msgs, gen):
+        return hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)
+        upto = render(messages[: i + 1], False).rstrip()
+        assert full.startswith(before) and full.startswith(upto), i
+        spans.append((len(before), len(upto)))
+    enc = hf(full, add_special_tokens=False, return_offsets_mapping=True)
+    return [int(any(a <= s and e <= b for a, b in spans)) for s, e in enc["offset_mapping"]]
+
+
+def check_prefix_diff(hf, cases: list[dict], name: str) -> None:
+    """Does the prefix-diff rule give transformers' generation-tag mask?  (Asserted.)"""
+    for k, c in enumerate(cases):
+        ours = prefix_diff_mask(hf, c["messages"])
+        if ours != c["assistant_mask"]:
+            toks = hf.convert_ids_to_tokens(c["ids"])
+            diff = [(j, toks[j], c["assistant_mask"][j], ours[j])
+                    for j in range(len(ours)) if ours[j] != c["assistant_mask"][j]]
+            raise AssertionError(f"{name}: prefix-diff != transformers mask in case {k}: "
+                                 f"(index, token, transformers, prefix-diff) {diff}")
+    n = sum(sum(c["assistant_mask"]) for c in cases)
+    print(f"  {name}: prefix-diff rule == transformers' assistant mask "
+          f"({len(cases)} cases, {n} masked tokens)")
+
+
+def make_golden_tokenizer(dirpath: Path, with_special_variant: bool, gen_template: str) -> dict:
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(str(dirpath))
@@ -280,6 +400,9 @@ def make_golden_tokenizer(dirpath: Path, with_special_variant: bool) -> dict:
         assert ids == hf(text, add_special_tokens=False)["input_ids"]
         golden["chat"].append({"messages": messages, "add_generation_prompt": gen,
                                "text": text, "ids": ids})
+    golden["generation_template"] = gen_template
+    golden["assistant_masks"] = make_assistant_masks(hf, gen_template)
+    check_prefix_diff(hf, golden["assistant_masks"], dirpath.name)
     write_json(dirpath / "golden.json", golden)
     return golden
 
@@ -295,7 +418,8 @@ def make_tokenizers():
     cfg = tokenizer_config("<|im_start|>", "<|im_end|>", "<|im_end|>", CHATML_TEMPLATE,
                            list(enumerate(SPECIALS)))
     write_json(d / "tokenizer_config.json", cfg, indent=2)
-    g = make_golden_tokenizer(d, with_special_variant=False)
+    g = make_golden_tokenizer(d, with_special_variant=False,
+                             gen_template=CHATML_GEN_TEMPLATE)
     # the literal "<|im_start|>" must become the special token
     assert 1 in g["encode"][4]["ids"] and 2 in g["encode"][4]["ids"]
 
@@ -320,7 +444,8 @@ def make_tokenizers():
                             LLAMA3_TEMPLATE,
                             list(enumerate(SPECIALS)) + list(zip(ids3, LLAMA3_SPECIALS)))
     write_json(d3 / "tokenizer_config.json", cfg3, indent=2)
-    g3 = make_golden_tokenizer(d3, with_special_variant=True)
+    g3 = make_golden_tokenizer(d3, with_special_variant=True,
+                              gen_template=LLAMA3_GEN_TEMPLATE)
     for c in g3["chat"]:
         assert c["ids"][0] == ids3[0] and c["ids"][1] != ids3[0], "expected exactly one BOS"
     return tok

@@ -142,6 +142,17 @@ pub fn apply_chat_template(
     messages: &Json,
     add_generation_prompt: bool,
 ) -> Result<(String, Vec<u32>)> {
+    let text = render_chat(tok, messages, add_generation_prompt)?;
+    let ids = tok.encode(&text, false)?;
+    Ok((text, ids))
+}
+
+/// Renders `messages` with the tokenizer's chat template (no tokenization).
+pub fn render_chat(
+    tok: &Tokenizer,
+    messages: &Json,
+    add_generation_prompt: bool,
+) -> Result<String> {
     let source = tok.chat_template.as_deref().ok_or_else(|| {
         anyhow!(
             "the tokenizer has no chat template (none in tokenizer_config.json, chat_template.jinja \
@@ -167,9 +178,7 @@ pub fn apply_chat_template(
             extra.insert(name.to_string(), Json::String(v));
         }
     }
-    let text = template.render_with(messages, add_generation_prompt, &extra)?;
-    let ids = tok.encode(&text, false)?;
-    Ok((text, ids))
+    template.render_with(messages, add_generation_prompt, &extra)
 }
 
 /// Compiling a template takes far longer than rendering one; data preparation renders thousands

@@ -195,6 +195,36 @@ impl Checkpoint {
     }
 }
 
+/// Writes the trained model into `out` (which also holds checkpoints/ and metrics): files go to a
+/// staging directory first and are renamed in with model.safetensors last, so a complete
+/// model.safetensors means a complete model.
+pub fn save_final(ck: &Checkpoint, out: &Path) -> Result<()> {
+    let staging = out.join(".final-partial");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).ok();
+    }
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    save_model_files(&ck.model, &staging)?;
+    if let Some(t) = &ck.tokenizer {
+        t.save(&staging)?;
+    }
+    if let Some(g) = &ck.generation_config {
+        write_json(&staging.join("generation_config.json"), g)?;
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&staging)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort_by_key(|p| p.file_name().is_some_and(|n| n == "model.safetensors"));
+    for f in files {
+        let dst = out.join(f.file_name().unwrap());
+        std::fs::rename(&f, &dst)
+            .with_context(|| format!("cannot move {} into place", dst.display()))?;
+    }
+    std::fs::remove_dir_all(&staging).ok();
+    Ok(())
+}
+
 /// config.json (marked float32) and model.safetensors.
 pub fn save_model_files(model: &CausalLm, dir: &Path) -> Result<()> {
     let mut config = model.config.raw.clone();

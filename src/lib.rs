@@ -1,12 +1,15 @@
 //! rlhf: align language models with feedback — SFT, reward models, PPO(-ptx) and DPO — on real
 //! Hugging Face checkpoints, CPU first.
 
+pub mod algos;
 pub mod chat;
 pub mod checkpoint;
 pub mod commands;
+pub mod config;
 pub mod data;
 pub mod generate;
 pub mod io;
 pub mod model;
 pub mod ops;
 pub mod tokenize;
+pub mod train;

@@ -1,6 +1,6 @@
 //! The `rlhf` command line: parses arguments and calls the library.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use rlhf::commands;
 
 #[derive(Parser)]
@@ -20,16 +20,23 @@ enum Command {
     Logprobs(commands::logprobs::LogprobsArgs),
     /// Sample completions (batched, KV cache) for prompts.
     Generate(commands::generate::GenerateArgs),
+    /// Supervised fine-tuning (SFT) from a TOML config; `rlhf sft --help` lists every key.
+    Sft(commands::sft::SftArgs),
     /// Convert a checkpoint (GGUF, HF dir, HF cache id) into an HF directory transformers loads.
     Convert(commands::convert::ConvertArgs),
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // Config keys are listed under each training command's --help.
+    let matches = Cli::command()
+        .mut_subcommand("sft", |c| c.after_help(commands::sft::help_text()))
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match &cli.command {
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Sft(a) => commands::sft::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", rlhf::io::one_line_error(&e));

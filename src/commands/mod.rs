@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod generate;
 pub mod logprobs;
+pub mod sft;
 
 use anyhow::Result;
 use std::time::Instant;

@@ -1,5 +1,7 @@
 //! Reading datasets. Every record keeps its file and line so errors can point at it.
 
+pub mod sft;
+
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::io::BufRead;
@@ -52,5 +54,17 @@ pub fn kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// Records of a JSONL or Parquet file (by extension), each with its line or row number.
+pub fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") | Some("json") => read_jsonl(path),
+        Some("parquet") => bail!("{}: Parquet support is being added", path.display()),
+        _ => bail!(
+            "{}: unknown data format (expected .jsonl or .parquet)",
+            path.display()
+        ),
     }
 }

@@ -40,6 +40,25 @@ impl StepInputs {
     }
 }
 
+impl StepInputs {
+    /// Right-padded or packed rows: `segments[b][t]` numbers the example of each token (0: padding);
+    /// positions restart and attention stays within each example.
+    pub fn from_segments(
+        cfg: &ModelConfig,
+        ids: &[Vec<u32>],
+        segments: &[Vec<u32>],
+    ) -> Result<StepInputs> {
+        let t = ids.first().map_or(0, |r| r.len());
+        check_ids(cfg, ids)?;
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        Ok(StepInputs {
+            ids: Tensor::from_vec(flat, (ids.len(), t), &candle_core::Device::Cpu)?,
+            position_ids: ops::segment_position_ids(segments),
+            attn_bias: ops::segment_attention_bias(segments, cfg.sliding_window)?,
+        })
+    }
+}
+
 /// Rejects token ids outside the vocabulary before they reach an embedding lookup.
 pub fn check_ids(cfg: &ModelConfig, ids: &[Vec<u32>]) -> Result<()> {
     for row in ids {

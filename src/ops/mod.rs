@@ -156,3 +156,50 @@ pub fn gather_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .gather(&targets.contiguous()?.unsqueeze(D::Minus1)?, D::Minus1)?
         .squeeze(D::Minus1)
 }
+
+/// Attention bias [B, 1, T, T] for packed rows: `segments[b][t]` numbers the example token t belongs
+/// to (0 for padding). A query sees earlier keys of its own example only (and itself).
+pub fn segment_attention_bias(segments: &[Vec<u32>], window: Option<usize>) -> Result<Tensor> {
+    const MASKED: f32 = -1e30;
+    let b = segments.len();
+    let t = segments.first().map_or(0, |r| r.len());
+    let mut bias = vec![MASKED; b * t * t];
+    for (row, seg) in segments.iter().enumerate() {
+        for i in 0..t {
+            let out = &mut bias[(row * t + i) * t..(row * t + i + 1) * t];
+            out[i] = 0.0;
+            if seg[i] == 0 {
+                continue;
+            }
+            let lo = window.map_or(0, |w| (i + 1).saturating_sub(w));
+            for j in lo..i {
+                if seg[j] == seg[i] {
+                    out[j] = 0.0;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(bias, (b, 1, t, t), &candle_core::Device::Cpu)
+}
+
+/// Position ids that restart at 0 for every packed example (padding gets 0).
+pub fn segment_position_ids(segments: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    segments
+        .iter()
+        .map(|seg| {
+            let mut pos = 0u32;
+            let mut prev = 0u32;
+            seg.iter()
+                .map(|&s| {
+                    if s != prev {
+                        pos = 0;
+                        prev = s;
+                    }
+                    let p = if s == 0 { 0 } else { pos };
+                    pos += 1;
+                    p
+                })
+                .collect()
+        })
+        .collect()
+}

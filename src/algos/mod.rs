@@ -1,0 +1,4 @@
+//! One file per algorithm: its loss, written like the paper's equation, and its task for the
+//! shared training loop.
+
+pub mod sft;

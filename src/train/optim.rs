@@ -1,0 +1,229 @@
+//! AdamW (decoupled weight decay, bias correction), updating parameters in place, with the
+//! gradients accumulated in plain f32 buffers so that gradient accumulation and global-norm
+//! clipping need no extra tensors.
+
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Sum of gradients over the micro-batches of one optimizer step, one buffer per parameter.
+pub struct GradBuffers {
+    pub bufs: Vec<Vec<f32>>,
+}
+
+impl GradBuffers {
+    pub fn new(params: &[(String, Var)]) -> Self {
+        GradBuffers {
+            bufs: params
+                .iter()
+                .map(|(_, v)| vec![0.0; v.elem_count()])
+                .collect(),
+        }
+    }
+
+    pub fn zero(&mut self) {
+        for b in &mut self.bufs {
+            b.fill(0.0);
+        }
+    }
+
+    /// Adds this backward pass's gradients. A parameter the loss did not reach adds nothing.
+    pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
+        for ((_, var), buf) in params.iter().zip(&mut self.bufs) {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                for (b, x) in buf.iter_mut().zip(g) {
+                    *b += x;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Global L2 norm over all parameters (f64 accumulation).
+    pub fn global_norm(&self) -> f64 {
+        self.bufs
+            .iter()
+            .flat_map(|b| b.iter())
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    /// Number of updates taken so far (for bias correction).
+    pub step: u64,
+    m: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    decay: Vec<bool>,
+}
+
+/// One in-place AdamW update of a parameter tensor given its gradient (the op's second input is
+/// only there to satisfy the in-place API; the gradient comes from the buffer).
+struct AdamWUpdate<'a> {
+    grad: &'a [f32],
+    state: Mutex<(&'a mut [f32], &'a mut [f32])>,
+    lr: f32,
+    scale: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    bc1: f32,
+    bc2: f32,
+    nonfinite: &'a Mutex<bool>,
+}
+
+impl InplaceOp2 for AdamWUpdate<'_> {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut CpuStorage,
+        l: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("AdamW expects f32 parameters");
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("AdamW expects contiguous parameters");
+        };
+        let p = &mut data[start..end];
+        let mut state = self.state.lock().unwrap();
+        let (m, v) = &mut *state;
+        let (b1, b2) = (self.beta1, self.beta2);
+        for i in 0..p.len() {
+            let g = self.grad[i] * self.scale;
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let m_hat = m[i] / self.bc1;
+            let v_hat = v[i] / self.bc2;
+            p[i] -= self.lr * (m_hat / (v_hat.sqrt() + self.eps) + self.decay * p[i]);
+        }
+        if p.iter().any(|x| !x.is_finite()) {
+            *self.nonfinite.lock().unwrap() = true;
+        }
+        Ok(())
+    }
+}
+
+impl AdamW {
+    /// Weight decay applies to matrices (embeddings and projections), not to norms and biases.
+    pub fn new(params: &[(String, Var)], cfg: AdamWConfig) -> Self {
+        AdamW {
+            cfg,
+            step: 0,
+            m: params
+                .iter()
+                .map(|(_, v)| vec![0.0; v.elem_count()])
+                .collect(),
+            v: params
+                .iter()
+                .map(|(_, v)| vec![0.0; v.elem_count()])
+                .collect(),
+            decay: params.iter().map(|(_, v)| v.rank() >= 2).collect(),
+        }
+    }
+
+    /// Applies one update with learning rate `lr`; gradients are multiplied by `grad_scale`
+    /// (the clipping factor). Returns the names of parameters that became non-finite.
+    pub fn update(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &GradBuffers,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<Vec<String>> {
+        let mut poisoned = Vec::new();
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.cfg.beta1.powi(t);
+        let bc2 = 1.0 - self.cfg.beta2.powi(t);
+        let dummy = Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        for (i, (name, var)) in params.iter().enumerate() {
+            let nonfinite = Mutex::new(false);
+            let op = AdamWUpdate {
+                grad: &grads.bufs[i],
+                state: Mutex::new((&mut self.m[i][..], &mut self.v[i][..])),
+                lr: lr as f32,
+                scale: grad_scale as f32,
+                beta1: self.cfg.beta1 as f32,
+                beta2: self.cfg.beta2 as f32,
+                eps: self.cfg.eps as f32,
+                decay: if self.decay[i] {
+                    self.cfg.weight_decay as f32
+                } else {
+                    0.0
+                },
+                bc1: bc1 as f32,
+                bc2: bc2 as f32,
+                nonfinite: &nonfinite,
+            };
+            var.as_tensor().inplace_op2(&dummy, &op)?;
+            if *nonfinite.lock().unwrap() {
+                poisoned.push(name.clone());
+            }
+        }
+        Ok(poisoned)
+    }
+
+    /// Moment tensors by parameter name, for checkpoints.
+    pub fn state_tensors(&self, params: &[(String, Var)]) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(2 * params.len());
+        for (i, (name, var)) in params.iter().enumerate() {
+            let shape = var.shape().clone();
+            out.push((
+                format!("m.{name}"),
+                Tensor::from_slice(&self.m[i], shape.clone(), &candle_core::Device::Cpu)?,
+            ));
+            out.push((
+                format!("v.{name}"),
+                Tensor::from_slice(&self.v[i], shape, &candle_core::Device::Cpu)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    pub fn load_state(
+        &mut self,
+        params: &[(String, Var)],
+        tensors: &HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<()> {
+        for (i, (name, _)) in params.iter().enumerate() {
+            for (prefix, dst) in [("m", &mut self.m[i]), ("v", &mut self.v[i])] {
+                let key = format!("{prefix}.{name}");
+                let Some(t) = tensors.get(&key) else {
+                    bail!("optimizer state lacks `{key}`")
+                };
+                let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                if data.len() != dst.len() {
+                    bail!(
+                        "optimizer state `{key}` has {} values, expected {}",
+                        data.len(),
+                        dst.len()
+                    );
+                }
+                dst.copy_from_slice(&data);
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,133 @@
+//! Resumable checkpoints: model weights, optimizer moments and the trainer's position, written into
+//! a staging directory and renamed into place, so a kill at any moment leaves the last complete
+//! checkpoint intact.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::optim::AdamW;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Non-finite steps skipped so far.
+    pub skipped_steps: u64,
+    /// Fingerprint of the settings that must not change across a resume.
+    pub fingerprint: String,
+    /// Algorithm-specific state (e.g. a KL controller), opaque to the trainer.
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
+    output_dir.join("checkpoints")
+}
+
+fn step_of(p: &Path) -> Option<u64> {
+    p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
+}
+
+/// Complete checkpoints, oldest first.
+pub fn list_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(checkpoints_dir(output_dir))
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter_map(|p| step_of(&p).map(|s| (s, p)))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
+    list_checkpoints(output_dir).pop().map(|(_, p)| p)
+}
+
+fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
+    candle_core::safetensors::save(&map, path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes `checkpoints/step-N` atomically and prunes all but the newest `keep`.
+pub fn save_checkpoint(
+    output_dir: &Path,
+    params: &[(String, Var)],
+    optimizer: &AdamW,
+    state: &TrainerState,
+    keep: usize,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(output_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let final_path = dir.join(format!("step-{:08}", state.step));
+    let staging = dir.join(format!(".partial-step-{:08}", state.step));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).ok();
+    }
+    std::fs::create_dir(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let weights: Vec<(String, Tensor)> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    save_tensors(&weights, &staging.join("model.safetensors"))?;
+    save_tensors(
+        &optimizer.state_tensors(params)?,
+        &staging.join("optimizer.safetensors"),
+    )?;
+    crate::io::write_json(
+        &staging.join("trainer_state.json"),
+        &serde_json::to_value(state)?,
+    )?;
+    if final_path.exists() {
+        std::fs::remove_dir_all(&final_path).ok();
+    }
+    std::fs::rename(&staging, &final_path)
+        .with_context(|| format!("cannot move checkpoint into {}", final_path.display()))?;
+    let all = list_checkpoints(output_dir);
+    if keep > 0 && all.len() > keep {
+        for (_, old) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(old).ok();
+        }
+    }
+    Ok(final_path)
+}
+
+/// Restores weights and optimizer moments in place; returns the trainer state.
+pub fn load_checkpoint(
+    path: &Path,
+    params: &[(String, Var)],
+    optimizer: &mut AdamW,
+) -> Result<TrainerState> {
+    let state_path = path.join("trainer_state.json");
+    let state: TrainerState = serde_json::from_value(crate::io::read_json(&state_path)?)
+        .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
+    let dev = candle_core::Device::Cpu;
+    let wpath = path.join("model.safetensors");
+    let weights = candle_core::safetensors::load(&wpath, &dev)
+        .with_context(|| format!("cannot read {}", wpath.display()))?;
+    for (name, var) in params {
+        let Some(t) = weights.get(name) else {
+            bail!("{}: lacks tensor `{name}`", wpath.display())
+        };
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, the model has {:?}",
+                wpath.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(t)?;
+    }
+    let opath = path.join("optimizer.safetensors");
+    let opt = candle_core::safetensors::load(&opath, &dev)
+        .with_context(|| format!("cannot read {}", opath.display()))?;
+    optimizer.load_state(params, &opt, state.step - state.skipped_steps)?;
+    Ok(state)
+}

@@ -1,0 +1,355 @@
+//! The optimizer-step loop shared by every algorithm. An algorithm supplies a `Task` (its data and
+//! loss); the loop owns data order, gradient accumulation, clipping, the learning-rate schedule,
+//! the NaN guard, logging, evaluation and checkpoints.
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use std::time::Instant;
+
+use super::config::TrainConfig;
+use super::metrics::MetricsLogger;
+use super::optim::{AdamW, AdamWConfig, GradBuffers};
+use super::schedule::lr_at;
+use super::state::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
+use crate::model::CausalLm;
+
+/// What one micro-batch contributes to an optimizer step.
+pub struct MicroBatchLoss {
+    /// Scalar loss, already scaled so that the sum over the step's micro-batches is the step loss.
+    pub loss: Tensor,
+    /// Metrics scaled the same way (they are summed over micro-batches).
+    pub metrics: Vec<(String, f64)>,
+    /// Tokens processed (for throughput).
+    pub tokens: usize,
+}
+
+pub trait Task {
+    fn num_examples(&self) -> usize;
+    /// Loss of the micro-batch `batch` (example indices), part of an optimizer step over `step_examples`.
+    fn micro_batch(
+        &mut self,
+        model: &CausalLm,
+        batch: &[usize],
+        step_examples: &[usize],
+    ) -> Result<MicroBatchLoss>;
+    /// Held-out metrics, named `eval/...`; empty when there is no evaluation data.
+    fn evaluate(&mut self, model: &CausalLm) -> Result<Vec<(String, f64)>>;
+}
+
+pub struct TrainOutcome {
+    pub steps: u64,
+    pub skipped_steps: u64,
+    pub last_train_metrics: Vec<(String, f64)>,
+    pub eval_metrics: Vec<(String, f64)>,
+    pub tokens_per_second: f64,
+}
+
+/// Example order: a fresh seeded permutation per epoch, concatenated. Step s takes the next
+/// `per_step` indices, so the order depends only on (seed, step) — which is what makes resuming exact.
+fn step_examples(n: usize, per_step: usize, seed: u64, step: u64) -> Vec<usize> {
+    let start = step as usize * per_step;
+    let mut out = Vec::with_capacity(per_step);
+    let mut epoch = start / n;
+    let mut offset = start % n;
+    while out.len() < per_step {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(epoch as u64);
+        let mut perm: Vec<usize> = (0..n).collect();
+        perm.shuffle(&mut rng);
+        let take = (per_step - out.len()).min(n - offset);
+        out.extend_from_slice(&perm[offset..offset + take]);
+        epoch += 1;
+        offset = 0;
+    }
+    out
+}
+
+pub fn total_steps(cfg: &TrainConfig, n: usize) -> u64 {
+    if cfg.max_steps > 0 {
+        return cfg.max_steps as u64;
+    }
+    let per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+    ((cfg.num_train_epochs * n as f64) / per_step as f64)
+        .ceil()
+        .max(1.0) as u64
+}
+
+/// Checks before any training time is spent: the output directory is writable, and it does not
+/// hold another run's checkpoints unless we resume.
+pub fn preflight(cfg: &TrainConfig, resume: bool) -> Result<()> {
+    let out = Path::new(&cfg.output_dir);
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output_dir {}", out.display()))?;
+    let probe = out.join(".rlhf-write-test");
+    std::fs::write(&probe, b"ok")
+        .with_context(|| format!("output_dir {} is not writable", out.display()))?;
+    std::fs::remove_file(&probe).ok();
+    if !resume && latest_checkpoint(out).is_some() {
+        bail!(
+            "output_dir {} already has checkpoints; pass --resume to continue that run, or choose another output_dir",
+            out.display()
+        );
+    }
+    if resume && latest_checkpoint(out).is_none() {
+        eprintln!(
+            "note: --resume given but {} has no checkpoint; starting from the beginning",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+fn fmt_metrics(values: &[(String, f64)]) -> String {
+    values
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}={}",
+                if v.abs() >= 1e-3 || *v == 0.0 {
+                    format!("{v:.4}")
+                } else {
+                    format!("{v:.3e}")
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn add_into(acc: &mut Vec<(String, f64)>, values: &[(String, f64)]) {
+    for (k, v) in values {
+        match acc.iter_mut().find(|(n, _)| n == k) {
+            Some((_, a)) => *a += v,
+            None => acc.push((k.clone(), *v)),
+        }
+    }
+}
+
+/// Runs the optimizer steps (resuming from the latest checkpoint when asked).
+pub fn train(
+    cfg: &TrainConfig,
+    model: &CausalLm,
+    task: &mut dyn Task,
+    resume: bool,
+    fingerprint: &str,
+) -> Result<TrainOutcome> {
+    let params = model.parameters();
+    if params.is_empty() {
+        bail!("the model was loaded without trainable parameters");
+    }
+    let out = Path::new(&cfg.output_dir);
+    let n = task.num_examples();
+    let per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+    let total = total_steps(cfg, n);
+    let warmup = if cfg.warmup_steps > 0 {
+        cfg.warmup_steps
+    } else {
+        (cfg.warmup_ratio * total as f64).ceil() as usize
+    };
+    let mut optimizer = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+    );
+    let mut state = TrainerState {
+        step: 0,
+        skipped_steps: 0,
+        fingerprint: fingerprint.to_string(),
+        extra: serde_json::Value::Null,
+    };
+    if resume {
+        if let Some(ck) = latest_checkpoint(out) {
+            let loaded = load_checkpoint(&ck, params, &mut optimizer)?;
+            if loaded.fingerprint != fingerprint {
+                bail!(
+                    "{}: checkpoint was made with different settings (data, model or batch/schedule); resume needs the same configuration",
+                    ck.display()
+                );
+            }
+            eprintln!("resuming from {} (step {})", ck.display(), loaded.step);
+            state = loaded;
+        }
+    }
+    let mut logger = MetricsLogger::create(out, resume && state.step > 0)?;
+    let mut grads = GradBuffers::new(params);
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(state.step);
+
+    let mut window: Vec<(String, f64)> = Vec::new();
+    let mut window_steps = 0u64;
+    let mut window_tokens = 0usize;
+    let mut window_start = Instant::now();
+    let (mut all_tokens, run_start) = (0usize, Instant::now());
+    let mut last_train = Vec::new();
+    let mut eval_metrics = Vec::new();
+
+    if state.step == 0 {
+        // The starting point, so that curves show where training began.
+        let ev = task.evaluate(model)?;
+        if !ev.is_empty() {
+            let refs: Vec<(&str, f64)> = ev.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            logger.log(0, &refs)?;
+            pb.suspend(|| eprintln!("step 0/{total} {}", fmt_metrics(&ev)));
+        }
+    }
+    while state.step < total {
+        let step = state.step;
+        let lr = lr_at(
+            &cfg.lr_scheduler_type,
+            cfg.learning_rate,
+            warmup,
+            total as usize,
+            step as usize,
+        );
+        let examples = step_examples(n, per_step, cfg.seed, step);
+        grads.zero();
+        let mut step_metrics: Vec<(String, f64)> = Vec::new();
+        let mut nonfinite: Option<String> = None;
+        for micro in examples.chunks(cfg.per_device_train_batch_size) {
+            let mb = task.micro_batch(model, micro, &examples)?;
+            let loss_value = mb
+                .loss
+                .to_dtype(candle_core::DType::F32)?
+                .to_scalar::<f32>()?;
+            if !loss_value.is_finite() {
+                nonfinite = Some(format!("non-finite loss ({loss_value})"));
+                break;
+            }
+            grads.add(params, &mb.loss.backward()?)?;
+            add_into(&mut step_metrics, &mb.metrics);
+            window_tokens += mb.tokens;
+            all_tokens += mb.tokens;
+        }
+        let grad_norm = grads.global_norm();
+        if nonfinite.is_none() && !grad_norm.is_finite() {
+            nonfinite = Some(format!("non-finite gradient norm ({grad_norm})"));
+        }
+        if let Some(what) = nonfinite {
+            if cfg.on_nonfinite == "stop" {
+                logger.flush()?;
+                pb.abandon();
+                bail!(
+                    "step {}: {what}; stopped without updating or writing a checkpoint (set on_nonfinite = \"skip\" to skip such steps)",
+                    step + 1
+                );
+            }
+            pb.suspend(|| eprintln!("step {}: {what}; step skipped", step + 1));
+            state.skipped_steps += 1;
+        } else {
+            let scale = if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
+                cfg.max_grad_norm / grad_norm
+            } else {
+                1.0
+            };
+            let poisoned = optimizer.update(params, &grads, lr, scale)?;
+            if !poisoned.is_empty() {
+                logger.flush()?;
+                pb.abandon();
+                bail!(
+                    "step {}: the update made {} non-finite (learning rate {lr:.3e} too high?); stopped without writing a checkpoint",
+                    step + 1,
+                    poisoned[0]
+                );
+            }
+            add_into(&mut step_metrics, &[("grad_norm".to_string(), grad_norm)]);
+            add_into(&mut window, &step_metrics);
+            window_steps += 1;
+        }
+        state.step += 1;
+        pb.set_position(state.step);
+
+        let last = state.step == total;
+        if (cfg.logging_steps > 0 && state.step % cfg.logging_steps as u64 == 0) || last {
+            if window_steps > 0 {
+                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+                let mut values: Vec<(String, f64)> = window
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v / window_steps as f64))
+                    .collect();
+                values.push(("learning_rate".into(), lr));
+                values.push((
+                    "epoch".into(),
+                    (state.step as f64 * per_step as f64) / n as f64,
+                ));
+                values.push(("tokens_per_second".into(), window_tokens as f64 / secs));
+                let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                logger.log(state.step, &refs)?;
+                let loss = values
+                    .iter()
+                    .find(|(k, _)| k == "loss")
+                    .map_or(f64::NAN, |(_, v)| *v);
+                pb.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
+                    window_tokens as f64 / secs
+                ));
+                if pb.is_hidden() {
+                    eprintln!("step {}/{total} {}", state.step, fmt_metrics(&values));
+                }
+                last_train = values;
+            }
+            window.clear();
+            window_steps = 0;
+            window_tokens = 0;
+            window_start = Instant::now();
+        }
+        if (cfg.eval_steps > 0 && state.step % cfg.eval_steps as u64 == 0) || last {
+            let ev = task.evaluate(model)?;
+            if !ev.is_empty() {
+                let refs: Vec<(&str, f64)> = ev.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                logger.log(state.step, &refs)?;
+                pb.suspend(|| eprintln!("step {}/{total} {}", state.step, fmt_metrics(&ev)));
+                eval_metrics = ev;
+            }
+        }
+        if cfg.save_steps > 0 && (state.step % cfg.save_steps as u64 == 0 || last) {
+            logger.flush()?;
+            save_checkpoint(out, params, &optimizer, &state, cfg.save_total_limit)?;
+        }
+    }
+    pb.finish_and_clear();
+    logger.flush()?;
+    Ok(TrainOutcome {
+        steps: state.step,
+        skipped_steps: state.skipped_steps,
+        last_train_metrics: last_train,
+        eval_metrics,
+        tokens_per_second: all_tokens as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_examples;
+
+    #[test]
+    fn data_order_is_a_permutation_per_epoch_and_depends_only_on_seed_and_step() {
+        let n = 10;
+        let mut seen = Vec::new();
+        for s in 0..5 {
+            seen.extend(step_examples(n, 2, 7, s));
+        }
+        let mut sorted = seen.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        // Steps spanning an epoch boundary continue into the next permutation.
+        let a = step_examples(n, 4, 7, 2);
+        assert_eq!(a[..2], seen[8..10]);
+        assert_eq!(step_examples(n, 3, 7, 5), step_examples(n, 3, 7, 5));
+        assert_ne!(step_examples(n, 10, 7, 0), step_examples(n, 10, 8, 0));
+    }
+}
