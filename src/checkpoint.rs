@@ -30,6 +30,8 @@ pub enum Source {
 
 /// Resolves a user-given model path: directory, `.gguf` file, or `org/name` in the HF cache.
 pub fn resolve(spec: &str) -> Result<Source> {
+    let expanded = crate::io::expand_tilde(spec);
+    let spec = expanded.as_str();
     let p = Path::new(spec);
     if p.is_dir() {
         if !p.join("config.json").exists() {

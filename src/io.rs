@@ -99,3 +99,11 @@ pub fn one_line_error(e: &anyhow::Error) -> String {
     }
     parts.join(": ")
 }
+
+/// `~/x` → `$HOME/x` (config files are not seen by a shell).
+pub fn expand_tilde(path: &str) -> String {
+    match (path.strip_prefix("~/"), std::env::var("HOME")) {
+        (Some(rest), Ok(home)) => format!("{home}/{rest}"),
+        _ => path.to_string(),
+    }
+}

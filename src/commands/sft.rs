@@ -126,7 +126,11 @@ pub fn run(args: &SftArgs) -> Result<()> {
     check_keys(&table, &[RUN_KEYS, SFT_DATA_KEYS, TRAIN_KEYS], &origin)?;
     let run: SftRunConfig = extract(&table, RUN_KEYS, &origin)?;
     let data_cfg: SftDataConfig = extract(&table, SFT_DATA_KEYS, &origin)?;
-    let train_cfg: TrainConfig = extract(&table, TRAIN_KEYS, &origin)?;
+    let mut train_cfg: TrainConfig = extract(&table, TRAIN_KEYS, &origin)?;
+    let mut run = run;
+    for p in [&mut run.model, &mut run.train_file, &mut run.eval_file, &mut train_cfg.output_dir] {
+        *p = crate::io::expand_tilde(p);
+    }
     train_cfg.validate().with_context(|| origin.clone())?;
     if run.model.is_empty() || run.train_file.is_empty() {
         bail!("{origin}: `model` and `train_file` are required");
