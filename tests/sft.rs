@@ -415,3 +415,15 @@ fn sft_help_lists_every_key() {
         assert!(text.contains(d.key), "--help lacks {}", d.key);
     }
 }
+
+#[test]
+fn parquet_rows_are_named_in_errors_like_jsonl_lines() {
+    // A pyarrow-written conversational file (tests/fixtures/parquet, see its README): row 1 is a
+    // user/assistant exchange, row 2 has no assistant turn to learn from.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("parquet/messages_snappy.parquet");
+    let out = tmp.path().join("out");
+    let o = sft(&out, &model_path("llama-tied"), &data, &["max_steps=2"]);
+    expect_error(&o, &["messages_snappy.parquet:2", "no assistant message"]);
+    no_outputs(&out);
+}

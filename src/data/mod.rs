@@ -1,5 +1,6 @@
 //! Reading datasets. Every record keeps its file and line so errors can point at it.
 
+pub mod parquet;
 pub mod sft;
 
 use anyhow::{bail, Context, Result};
@@ -61,7 +62,7 @@ pub fn kind(v: &Value) -> &'static str {
 pub fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") | Some("json") => read_jsonl(path),
-        Some("parquet") => bail!("{}: Parquet support is being added", path.display()),
+        Some("parquet") => parquet::read_parquet(path),
         _ => bail!(
             "{}: unknown data format (expected .jsonl or .parquet)",
             path.display()
