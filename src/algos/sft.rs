@@ -13,6 +13,14 @@ use crate::train::{MicroBatchLoss, Task};
 /// Σ over target tokens of −log π(token | prefix) for a batch of (right-padded) examples, and the
 /// number of target tokens.
 pub fn target_nll_sum(model: &CausalLm, batch: &[&Example]) -> Result<(Tensor, usize)> {
+    target_nll_sum_with(model, batch, ops::default_path())
+}
+
+pub fn target_nll_sum_with(
+    model: &CausalLm,
+    batch: &[&Example],
+    path: ops::OpsPath,
+) -> Result<(Tensor, usize)> {
     let t = batch.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     let pad = |v: &[u32], fill: u32| -> Vec<u32> {
         v.iter()
@@ -29,8 +37,12 @@ pub fn target_nll_sum(model: &CausalLm, batch: &[&Example]) -> Result<(Tensor, u
         .collect();
     let n_targets = mask.iter().filter(|&&m| m > 0.0).count();
     let inp = StepInputs::from_segments(&model.config, &ids, &segments)?;
-    let logits = model.forward(&inp, None)?;
-    let logp = ops::gather_logprobs(&logits.narrow(1, 0, t - 1)?, &inp.ids.narrow(1, 1, t - 1)?)?;
+    let hidden = model.forward_hidden(&inp, None)?;
+    let logp = model.token_logprobs(
+        &hidden.narrow(1, 0, t - 1)?,
+        &inp.ids.narrow(1, 1, t - 1)?,
+        path,
+    )?;
     let mask = Tensor::from_vec(mask, (batch.len(), t - 1), &Device::Cpu)?;
     Ok(((logp * mask)?.sum_all()?.neg()?, n_targets))
 }

@@ -128,7 +128,12 @@ pub fn run(args: &SftArgs) -> Result<()> {
     let data_cfg: SftDataConfig = extract(&table, SFT_DATA_KEYS, &origin)?;
     let mut train_cfg: TrainConfig = extract(&table, TRAIN_KEYS, &origin)?;
     let mut run = run;
-    for p in [&mut run.model, &mut run.train_file, &mut run.eval_file, &mut train_cfg.output_dir] {
+    for p in [
+        &mut run.model,
+        &mut run.train_file,
+        &mut run.eval_file,
+        &mut train_cfg.output_dir,
+    ] {
         *p = crate::io::expand_tilde(p);
     }
     train_cfg.validate().with_context(|| origin.clone())?;

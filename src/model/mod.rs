@@ -196,6 +196,26 @@ impl CausalLm {
         hidden.reshape((rows, d))?.matmul(&w.t()?)?.reshape(out)
     }
 
+    /// log π(targets[b, t] | hidden[b, t]) for hidden states [B, T, D] and targets [B, T] → [B, T].
+    /// The fast path never builds the [B, T, V] logits.
+    pub fn token_logprobs(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        path: ops::OpsPath,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        match path {
+            ops::OpsPath::Fast => ops::lm_head::lm_head_logprobs(
+                &hidden.reshape((b * t, d))?,
+                self.lm_head_weight(),
+                &targets.flatten_all()?,
+            )?
+            .reshape((b, t)),
+            ops::OpsPath::Reference => ops::gather_logprobs(&self.logits(hidden)?, targets),
+        }
+    }
+
     pub fn forward(
         &self,
         inp: &StepInputs,
@@ -244,11 +264,13 @@ impl CausalLm {
             );
         }
         let inp = StepInputs::from_padded(&self.config, &ids, &mask)?;
-        let logits = self.forward(&inp, None)?;
+        let hidden = self.forward_hidden(&inp, None)?;
         // Predict token t+1 from position t.
-        let pred = logits.narrow(1, 0, t - 1)?;
+        let pred = hidden.narrow(1, 0, t - 1)?;
         let targets = inp.ids.narrow(1, 1, t - 1)?;
-        let lp = ops::gather_logprobs(&pred, &targets)?.to_vec2::<f32>()?;
+        let lp = self
+            .token_logprobs(&pred, &targets, ops::default_path())?
+            .to_vec2::<f32>()?;
         Ok(lp
             .into_iter()
             .zip(seqs)

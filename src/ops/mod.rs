@@ -2,6 +2,25 @@
 //! differentiates them (candle-nn's fused versions have no backward). These are the reference
 //! implementations; faster fused kernels must match them.
 
+pub mod lm_head;
+
+/// Which implementation of the fused operations to use. The reference path is the composed,
+/// obviously-correct one the fast kernels are tested against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OpsPath {
+    Fast,
+    Reference,
+}
+
+/// The path chosen by `RLHF_OPS=reference|fast` (default fast).
+pub fn default_path() -> OpsPath {
+    static PATH: std::sync::OnceLock<OpsPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("RLHF_OPS").as_deref() {
+        Ok("reference") => OpsPath::Reference,
+        _ => OpsPath::Fast,
+    })
+}
+
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::model::config::Activation;

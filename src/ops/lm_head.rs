@@ -1,0 +1,218 @@
+//! Fused "LM head + log-softmax + gather": log p(t_i) = h_i·w_{t_i} − log Σ_v exp(h_i·w_v), computed
+//! in chunks of rows so that the [N, V] logits (V ≈ 50k) never exist at once — in the forward or
+//! in the backward, which recomputes each chunk's logits instead of storing them.
+//! The composed reference is `logits → ops::gather_logprobs`; tests check the two agree.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Rows per chunk: a chunk's logits are ROWS × V floats (≈ 25 MB for V = 49k).
+const ROWS: usize = 128;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("lm_head_logprobs: {what} must be f32")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("lm_head_logprobs: {what} must be contiguous")
+    };
+    Ok(&v[a..b])
+}
+
+/// logits[r, v] = h[r]·w[v] for `rows` rows starting at `h` (row-major [rows, d]).
+fn chunk_logits(h: &[f32], w: &[f32], rows: usize, vocab: usize, d: usize, out: &mut [f32]) {
+    // SAFETY: all pointers cover the stated extents: h is rows×d, w is vocab×d (read as its
+    // transpose via strides), out is rows×vocab.
+    unsafe {
+        gemm::gemm(
+            rows,
+            vocab,
+            d,
+            out.as_mut_ptr(),
+            1,
+            vocab as isize,
+            false,
+            h.as_ptr(),
+            1,
+            d as isize,
+            w.as_ptr(),
+            d as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
+        );
+    }
+}
+
+/// Turns each row of logits into (softmax, log-sum-exp) in place: row ← exp(row − lse).
+fn softmax_rows(logits: &mut [f32], vocab: usize) -> Vec<f32> {
+    logits
+        .par_chunks_mut(vocab)
+        .map(|row| {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for x in row.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            row.iter_mut().for_each(|x| *x *= inv);
+            max + sum.ln() as f32
+        })
+        .collect()
+}
+
+struct LmHeadLogprobs;
+
+impl CustomOp3 for LmHeadLogprobs {
+    fn name(&self) -> &'static str {
+        "lm-head-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let h = slice(s1, l1, "hidden")?;
+        let w = slice(s2, l2, "weight")?;
+        let CpuStorage::U32(t) = s3 else {
+            candle_core::bail!("lm_head_logprobs: targets must be u32")
+        };
+        let t = &t[l3.start_offset()..l3.start_offset() + l3.shape().elem_count()];
+        let (n, d) = l1.shape().dims2()?;
+        let (vocab, _) = l2.shape().dims2()?;
+        let mut out = vec![0f32; n];
+        let mut buf = vec![0f32; ROWS.min(n) * vocab];
+        for start in (0..n).step_by(ROWS) {
+            let rows = ROWS.min(n - start);
+            let logits = &mut buf[..rows * vocab];
+            chunk_logits(&h[start * d..(start + rows) * d], w, rows, vocab, d, logits);
+            let mut chosen = Vec::with_capacity(rows);
+            for r in 0..rows {
+                let target = t[start + r] as usize;
+                if target >= vocab {
+                    candle_core::bail!(
+                        "lm_head_logprobs: target {target} out of vocabulary {vocab}"
+                    );
+                }
+                chosen.push(logits[r * vocab + target]);
+            }
+            for (r, lse) in softmax_rows(logits, vocab).into_iter().enumerate() {
+                out[start + r] = chosen[r] - lse;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, d) = h.dims2()?;
+        let (vocab, _) = w.dims2()?;
+        let grad = grad.contiguous()?.to_vec1::<f32>()?;
+        let targets = t.to_vec1::<u32>()?;
+        let mut dh = vec![0f32; n * d];
+        let mut dw = vec![0f32; vocab * d];
+        {
+            let (hs, hl) = h.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (Storage::Cpu(hc), Storage::Cpu(wc)) = (&*hs, &*ws) else {
+                candle_core::bail!("lm_head_logprobs: CPU only")
+            };
+            let (hv, wv) = (slice(hc, hl, "hidden")?, slice(wc, wl, "weight")?);
+            let mut buf = vec![0f32; ROWS.min(n) * vocab];
+            for start in (0..n).step_by(ROWS) {
+                let rows = ROWS.min(n - start);
+                let hc = &hv[start * d..(start + rows) * d];
+                let dl = &mut buf[..rows * vocab];
+                chunk_logits(hc, wv, rows, vocab, d, dl);
+                softmax_rows(dl, vocab);
+                // d log p(t) / d logits = onehot(t) − softmax, scaled by the incoming gradient.
+                for r in 0..rows {
+                    let g = grad[start + r];
+                    let row = &mut dl[r * vocab..(r + 1) * vocab];
+                    row.iter_mut().for_each(|x| *x *= -g);
+                    row[targets[start + r] as usize] += g;
+                }
+                let par = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
+                // SAFETY: extents as in chunk_logits; dh chunk is rows×d, dw is vocab×d.
+                unsafe {
+                    // dh[rows, d] = dl[rows, V] · w[V, d]
+                    gemm::gemm(
+                        rows,
+                        d,
+                        vocab,
+                        dh[start * d..].as_mut_ptr(),
+                        1,
+                        d as isize,
+                        false,
+                        dl.as_ptr(),
+                        1,
+                        vocab as isize,
+                        wv.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                    // dw[V, d] += dlᵀ[V, rows] · h[rows, d]
+                    gemm::gemm(
+                        vocab,
+                        d,
+                        rows,
+                        dw.as_mut_ptr(),
+                        1,
+                        d as isize,
+                        true,
+                        dl.as_ptr(),
+                        vocab as isize,
+                        1,
+                        hc.as_ptr(),
+                        1,
+                        d as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        par,
+                    );
+                }
+            }
+        }
+        let dev = h.device();
+        Ok((
+            Some(Tensor::from_vec(dh, (n, d), dev)?),
+            Some(Tensor::from_vec(dw, (vocab, d), dev)?),
+            None,
+        ))
+    }
+}
+
+/// log p(targets[i]) under softmax(hidden[i] · weightᵀ): hidden [N, D], weight [V, D], targets [N]
+/// (u32) → [N]. Differentiable in hidden and weight.
+pub fn lm_head_logprobs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    hidden.contiguous()?.apply_op3(
+        &weight.contiguous()?,
+        &targets.contiguous()?,
+        LmHeadLogprobs,
+    )
+}
