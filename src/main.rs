@@ -3,6 +3,11 @@
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use rlhf::commands;
 
+// Large fresh tensors page-fault less with mimalloc's reuse than with the system allocator
+// (measured in shared/DESIGN.md §7: LM head 162 → ~205 GFLOP/s).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "rlhf",
@@ -24,6 +29,9 @@ enum Command {
     Sft(commands::sft::SftArgs),
     /// Convert a checkpoint (GGUF, HF dir, HF cache id) into an HF directory transformers loads.
     Convert(commands::convert::ConvertArgs),
+    /// Benchmark workloads (for bench/run.sh)
+    #[command(hide = true)]
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() {
@@ -37,6 +45,7 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Sft(a) => commands::sft::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {}", rlhf::io::one_line_error(&e));

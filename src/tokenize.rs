@@ -17,6 +17,9 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 use crate::model::gguf::GgufFile;
 use candle_core::quantized::gguf_file::Value as GValue;
 
+/// A token's byte range in the text it came from.
+pub type ByteSpan = (usize, usize);
+
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
@@ -234,7 +237,7 @@ impl Tokenizer {
         &self,
         text: &str,
         add_special_tokens: bool,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    ) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let enc = self
             .inner
             .encode(text, add_special_tokens)

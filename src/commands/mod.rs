@@ -1,5 +1,6 @@
 //! The command-line subcommands, as library functions that take parsed options.
 
+pub mod bench;
 pub mod convert;
 pub mod generate;
 pub mod logprobs;

@@ -92,14 +92,10 @@ fn fingerprint(
     format!("{:016x}", h.finish())
 }
 
-fn split_eval(
-    records: Vec<(usize, serde_json::Value)>,
-    fraction: f64,
-    seed: u64,
-) -> (
-    Vec<(usize, serde_json::Value)>,
-    Vec<(usize, serde_json::Value)>,
-) {
+/// Records with their line numbers.
+type Records = Vec<(usize, serde_json::Value)>;
+
+fn split_eval(records: Records, fraction: f64, seed: u64) -> (Records, Records) {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
     let n_eval = ((records.len() as f64) * fraction).round() as usize;

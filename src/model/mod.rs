@@ -3,6 +3,7 @@
 pub mod config;
 pub mod gguf;
 pub mod gpt2;
+pub mod init;
 pub mod linear;
 pub mod llama;
 pub mod weights;

@@ -274,7 +274,7 @@ pub fn train(
         pb.set_position(state.step);
 
         let last = state.step == total;
-        if (cfg.logging_steps > 0 && state.step % cfg.logging_steps as u64 == 0) || last {
+        if (cfg.logging_steps > 0 && state.step.is_multiple_of(cfg.logging_steps as u64)) || last {
             if window_steps > 0 {
                 let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                 let mut values: Vec<(String, f64)> = window
@@ -307,7 +307,7 @@ pub fn train(
             window_tokens = 0;
             window_start = Instant::now();
         }
-        if (cfg.eval_steps > 0 && state.step % cfg.eval_steps as u64 == 0) || last {
+        if (cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps as u64)) || last {
             let ev = task.evaluate(model)?;
             if !ev.is_empty() {
                 let refs: Vec<(&str, f64)> = ev.iter().map(|(k, v)| (k.as_str(), *v)).collect();
@@ -316,7 +316,7 @@ pub fn train(
                 eval_metrics = ev;
             }
         }
-        if cfg.save_steps > 0 && (state.step % cfg.save_steps as u64 == 0 || last) {
+        if cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last) {
             logger.flush()?;
             save_checkpoint(out, params, &optimizer, &state, cfg.save_total_limit)?;
         }

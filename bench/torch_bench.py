@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""PyTorch half of bench/run.sh: the same workloads as `rlhf bench`, on randomly initialised
+transformers models of the same architectures, f32, 2 threads. Prints one JSON line:
+{"workload", "arch", "times_s", "peak_rss_mb", ...}; progress goes to stderr.
+
+Workloads (see src/commands/bench.rs for the rlhf side):
+  train     one optimizer step on random ids [B, T]: forward with labels (next-token cross-entropy
+            over all positions), backward, clip_grad_norm_(1.0), AdamW (torch defaults, foreach).
+  generate  B left-padded prompts (lengths T -/+ T/4, B*T tokens in all) with attention_mask,
+            model.generate(do_sample=True, temperature 1, no top-k/top-p, exactly N new tokens).
+  dpo       B chosen + B rejected sequences of length T as one batch of 2B; sequence log-prob sums
+            over the second half; loss -log sigmoid(beta * margin) against constant reference
+            log-probs; backward, clipping, AdamW.
+Dropout is off (GPT-2's default 0.1 would add work that rlhf does not do).
+"""
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+
+import torch
+
+torch.set_num_threads(2)
+
+import torch.nn.functional as F  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+LR = 1e-5
+DPO_BETA = 0.1
+
+
+def smollm2_135m():
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def gpt2_small():
+    cfg = GPT2Config(
+        vocab_size=50257,
+        n_positions=1024,
+        n_embd=768,
+        n_layer=12,
+        n_head=12,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def prompt_lengths(batch, seq):
+    """Alternately T - T/4 and T + T/4 (T for a last odd one): B*T prompt tokens in all."""
+    d = seq // 4
+    out = []
+    for i in range(batch):
+        if batch % 2 == 1 and i == batch - 1:
+            out.append(seq)
+        elif i % 2 == 0:
+            out.append(seq - d)
+        else:
+            out.append(seq + d)
+    return out
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+TICKS_PER_S = 100.0  # USER_HZ of /proc times on Linux
+
+
+def cpu_snap():
+    """(machine busy ticks, steal ticks, this process's ticks, wall time), as in src/commands/bench.rs."""
+    try:
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6]
+    return busy, cpu[7] if len(cpu) > 7 else 0, int(rest[11]) + int(rest[12]), time.perf_counter()
+
+
+def other_load(a, b):
+    """(cores kept busy by other processes, cores taken by the hypervisor) on average from a to b."""
+    if a is None or b is None:
+        return float("nan"), float("nan")
+    wall = max(b[3] - a[3], 1e-3) * TICKS_PER_S
+    return max((b[0] - a[0]) - (b[2] - a[2]), 0) / wall, (b[1] - a[1]) / wall
+
+
+class Trainer:
+    def __init__(self, model):
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=LR)
+
+    def step(self, loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def train_step(tr, ids):
+    loss = tr.model(input_ids=ids, labels=ids).loss
+    tr.step(loss)
+
+
+def dpo_step(tr, ids, ref_lp):
+    rows, t = ids.shape
+    pairs = rows // 2
+    logits = tr.model(input_ids=ids).logits
+    lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    # Column j predicts token j + 1; the response is tokens T/2 .. T.
+    resp = (torch.arange(t - 1) + 1 >= t // 2).to(lp.dtype)
+    seq_lp = (lp * resp).sum(-1)
+    logratio = seq_lp - ref_lp
+    margin = logratio[:pairs] - logratio[pairs:]
+    loss = -F.logsigmoid(DPO_BETA * margin).mean()
+    tr.step(loss)
+
+
+def generate_once(model, gen, vocab, batch, seq, new_tokens):
+    lengths = prompt_lengths(batch, seq)
+    width = max(lengths)
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(0, vocab, (n,), generator=gen)
+        mask[i, width - n :] = 1
+    t = time.perf_counter()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=0,
+    )
+    elapsed = time.perf_counter() - t
+    if out.shape[1] - width != new_tokens:
+        sys.exit(f"generated {out.shape[1] - width} tokens per row, expected {new_tokens}")
+    return elapsed
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["train", "generate", "dpo"], required=True)
+    ap.add_argument("--arch", choices=["smollm2", "gpt2"], required=True)
+    ap.add_argument("--batch", type=int, required=True)
+    ap.add_argument("--seq", type=int, required=True)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+
+    torch.manual_seed(a.seed)
+    label = f"torch {a.workload} {a.arch}"
+    t0 = time.perf_counter()
+    model = (smollm2_135m() if a.arch == "smollm2" else gpt2_small()).float()
+    vocab = model.config.vocab_size
+    n_params = sum(p.numel() for p in model.parameters())
+    print(
+        f"{label}: random {n_params / 1e6:.1f}M-parameter model built in {time.perf_counter() - t0:.1f}s "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads, attn {model.config._attn_implementation})",
+        file=sys.stderr,
+    )
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    tr = None
+    if a.workload == "generate":
+        model.eval()
+    else:
+        model.train()
+        tr = Trainer(model)
+    times, other_cpu, steal_cpu = [], [], []
+    total = a.warmup + a.repeats
+    for i in range(total):
+        before = cpu_snap()
+        if a.workload == "train":
+            ids = torch.randint(0, vocab, (a.batch, a.seq), generator=gen)
+            t = time.perf_counter()
+            train_step(tr, ids)
+            elapsed, what = time.perf_counter() - t, "step"
+        elif a.workload == "dpo":
+            ids = torch.randint(0, vocab, (2 * a.batch, a.seq), generator=gen)
+            half = a.seq - a.seq // 2
+            ref_lp = -math.log(vocab) * half + (torch.rand(2 * a.batch, generator=gen) * 10 - 5)
+            t = time.perf_counter()
+            dpo_step(tr, ids, ref_lp)
+            elapsed, what = time.perf_counter() - t, "step"
+        else:
+            torch.manual_seed(a.seed + i)
+            elapsed = generate_once(model, gen, vocab, a.batch, a.seq, a.new_tokens)
+            what = "generate"
+        other, steal = other_load(before, cpu_snap())
+        warm = i < a.warmup
+        print(
+            f"{label}: {what} {i + 1}/{total} {elapsed:.2f}s{' (warm-up)' if warm else ''}"
+            f" (other processes {other:.2f} cores, steal {steal:.2f})",
+            file=sys.stderr,
+        )
+        if not warm:
+            times.append(elapsed)
+            other_cpu.append(round(other, 2))
+            steal_cpu.append(round(steal, 2))
+    print(
+        json.dumps(
+            {
+                "workload": a.workload,
+                "arch": a.arch,
+                "times_s": times,
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "batch": a.batch,
+                "seq": a.seq,
+                "new_tokens": a.new_tokens if a.workload == "generate" else None,
+                "params": n_params,
+                "other_cpu": other_cpu,
+                "steal_cpu": steal_cpu,
+                "torch": torch.__version__,
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

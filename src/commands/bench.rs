@@ -1,0 +1,392 @@
+//! `rlhf bench` (hidden): the rlhf half of bench/run.sh. Builds a randomly initialised model, runs
+//! one workload `repeats` times after `warmup` untimed runs, and prints one JSON line with the wall
+//! times and the peak resident memory. bench/torch_bench.py does the same in PyTorch.
+//!
+//! Workloads (all f32, random token ids):
+//! * `train`: one optimizer step on [B, T]: forward, next-token cross-entropy over all positions
+//!   (through `CausalLm::token_logprobs` on the default ops path, as SFT computes it), backward,
+//!   global-norm clipping to 1.0, AdamW.
+//! * `generate`: B prompts (B·T tokens in all, lengths T ± T/4) sampled at temperature 1 for exactly
+//!   N new tokens each (no stop tokens), KV cache.
+//! * `dpo`: one DPO step on B chosen + B rejected sequences of length T run as one batch of 2B; the
+//!   second half of each sequence is the response; reference log-probs are fixed constants.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+use clap::ValueEnum;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use std::time::Instant;
+
+use crate::generate::{generate, SamplingConfig};
+use crate::model::config::ModelConfig;
+use crate::model::init::{gpt2_small_config, random_weights, smollm2_135m_config};
+use crate::model::{CausalLm, StepInputs};
+use crate::ops;
+use crate::train::optim::{AdamW, AdamWConfig, GradBuffers};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    Train,
+    Generate,
+    Dpo,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Arch {
+    /// SmolLM2-135M (Llama family).
+    Smollm2,
+    /// GPT-2 small (124M).
+    Gpt2,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long, value_enum)]
+    pub workload: Workload,
+    #[arg(long, value_enum)]
+    pub arch: Arch,
+    /// Sequences per step (train), prompts (generate) or preference pairs (dpo).
+    #[arg(long)]
+    pub batch: usize,
+    /// Sequence length (train, dpo) or mean prompt length (generate).
+    #[arg(long)]
+    pub seq: usize,
+    /// New tokens per prompt (generate).
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+const LR: f64 = 1e-5;
+const MAX_GRAD_NORM: f64 = 1.0;
+const DPO_BETA: f64 = 0.1;
+
+fn name<T: ValueEnum>(v: T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
+}
+
+fn random_ids(rng: &mut ChaCha8Rng, vocab: usize, rows: usize, len: usize) -> Vec<Vec<u32>> {
+    (0..rows)
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.random_range(0..vocab as u32))
+                .collect()
+        })
+        .collect()
+}
+
+/// Peak resident set size of this process in MiB (VmHWM).
+fn peak_rss_mb() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .context("cannot read /proc/self/status for the peak RSS")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM line in /proc/self/status")?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmHWM line")?
+        .parse()
+        .context("malformed VmHWM line")?;
+    Ok(kb / 1024.0)
+}
+
+/// CPU time counters (clock ticks) of the whole machine and of this process, to spot timed runs
+/// that shared the CPUs with other processes or lost time to the hypervisor.
+struct CpuSnap {
+    busy: u64,
+    steal: u64,
+    own: u64,
+    at: Instant,
+}
+
+/// Linux reports /proc times in USER_HZ ticks, 100 per second on every common platform.
+const TICKS_PER_S: f64 = 100.0;
+
+impl CpuSnap {
+    fn now() -> Option<CpuSnap> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpu: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // user nice system idle iowait irq softirq steal ...
+        let busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6];
+        let me = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // Fields after the parenthesised command name start at field 3 (state); utime and stime
+        // are fields 14 and 15.
+        let rest: Vec<&str> = me.rsplit_once(')')?.1.split_whitespace().collect();
+        let own = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+        Some(CpuSnap {
+            busy,
+            steal: cpu.get(7).copied().unwrap_or(0),
+            own,
+            at: Instant::now(),
+        })
+    }
+
+    /// (cores kept busy by other processes, cores taken by the hypervisor) on average since `self`.
+    fn other_load(&self, later: &CpuSnap) -> (f64, f64) {
+        let wall = later.at.duration_since(self.at).as_secs_f64().max(1e-3) * TICKS_PER_S;
+        let other =
+            later.busy.saturating_sub(self.busy) as f64 - later.own.saturating_sub(self.own) as f64;
+        let steal = later.steal.saturating_sub(self.steal) as f64;
+        ((other / wall).max(0.0), steal / wall)
+    }
+}
+
+/// Prompt lengths for the generate workload: alternately T − T/4 and T + T/4 (T for a last odd
+/// one), so that left padding is exercised and the prompt tokens total exactly B·T.
+pub fn prompt_lengths(batch: usize, seq: usize) -> Vec<usize> {
+    let d = seq / 4;
+    (0..batch)
+        .map(|i| {
+            if !batch.is_multiple_of(2) && i == batch - 1 {
+                seq
+            } else if i % 2 == 0 {
+                seq - d
+            } else {
+                seq + d
+            }
+        })
+        .collect()
+}
+
+/// The optimizer-step part shared by train and dpo: gradients into buffers, clip, AdamW.
+struct Stepper {
+    grads: GradBuffers,
+    opt: AdamW,
+}
+
+impl Stepper {
+    fn new(model: &CausalLm) -> Self {
+        let params = model.parameters();
+        Stepper {
+            grads: GradBuffers::new(params),
+            opt: AdamW::new(
+                params,
+                AdamWConfig {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: 0.01,
+                },
+            ),
+        }
+    }
+
+    fn step(&mut self, model: &CausalLm, loss: &Tensor) -> Result<()> {
+        let params = model.parameters();
+        self.grads.zero();
+        self.grads.add(params, &loss.backward()?)?;
+        let norm = self.grads.global_norm();
+        if !norm.is_finite() {
+            bail!("non-finite gradient norm {norm}");
+        }
+        let scale = if norm > MAX_GRAD_NORM {
+            MAX_GRAD_NORM / norm
+        } else {
+            1.0
+        };
+        let poisoned = self.opt.update(params, &self.grads, LR, scale)?;
+        if !poisoned.is_empty() {
+            bail!("non-finite parameters after the update: {}", poisoned[0]);
+        }
+        Ok(())
+    }
+}
+
+/// log p(ids[t+1] | ids[..=t]) for every row and t < T − 1: [rows, T − 1], through the library's
+/// default LM-head path (`RLHF_OPS=reference` selects the composed full-logits one).
+fn next_token_logprobs(model: &CausalLm, ids: &[Vec<u32>]) -> Result<Tensor> {
+    let t = ids[0].len();
+    let mask = vec![vec![1u8; t]; ids.len()];
+    let inp = StepInputs::from_padded(&model.config, ids, &mask)?;
+    let hidden = model.forward_hidden(&inp, None)?;
+    Ok(model.token_logprobs(
+        &hidden.narrow(1, 0, t - 1)?,
+        &inp.ids.narrow(1, 1, t - 1)?,
+        ops::default_path(),
+    )?)
+}
+
+fn train_step(model: &CausalLm, stepper: &mut Stepper, ids: &[Vec<u32>]) -> Result<()> {
+    let lp = next_token_logprobs(model, ids)?;
+    let loss = lp.mean_all()?.neg()?;
+    stepper.step(model, &loss)
+}
+
+/// −log σ(x), stably: relu(−x) + log(1 + exp(−|x|)).
+fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let soft = ((x.abs()?.neg()?.exp()? + 1.0)?).log()?;
+    Ok((x.neg()?.relu()? + soft)?)
+}
+
+/// One DPO step: rows 0..B of `ids` are chosen, B..2B rejected; `ref_lp` holds the reference
+/// log-prob sums in the same order.
+fn dpo_step(
+    model: &CausalLm,
+    stepper: &mut Stepper,
+    ids: &[Vec<u32>],
+    ref_lp: &Tensor,
+) -> Result<()> {
+    let (rows, t) = (ids.len(), ids[0].len());
+    let pairs = rows / 2;
+    let lp = next_token_logprobs(model, ids)?;
+    // Column j predicts token j + 1; the response is tokens T/2 .. T.
+    let resp: Vec<f32> = (0..t - 1)
+        .map(|j| if j + 1 >= t / 2 { 1.0 } else { 0.0 })
+        .collect();
+    let resp = Tensor::from_vec(resp, (1, t - 1), &Device::Cpu)?;
+    let seq_lp = lp.broadcast_mul(&resp)?.sum(D::Minus1)?;
+    let logratio = (seq_lp - ref_lp)?;
+    let margin = (logratio.narrow(0, 0, pairs)? - logratio.narrow(0, pairs, pairs)?)?;
+    let loss = neg_log_sigmoid(&(margin * DPO_BETA)?)?.mean_all()?;
+    stepper.step(model, &loss)
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.batch == 0 || args.seq < 2 || args.repeats == 0 {
+        bail!("--batch and --repeats must be at least 1 and --seq at least 2");
+    }
+    let cfg: ModelConfig = match args.arch {
+        Arch::Smollm2 => smollm2_135m_config(),
+        Arch::Gpt2 => gpt2_small_config(),
+    };
+    let trainable = args.workload != Workload::Generate;
+    let t_build = Instant::now();
+    let weights = random_weights(&cfg, args.seed)?;
+    let model = CausalLm::from_weights(cfg.clone(), weights, trainable)?;
+    let label = format!("rlhf {} {}", name(args.workload), name(args.arch));
+    eprintln!(
+        "{label}: random {:.1}M-parameter model built in {:.1}s",
+        cfg.num_parameters() as f64 / 1e6,
+        t_build.elapsed().as_secs_f64()
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(1));
+    let mut stepper = trainable.then(|| Stepper::new(&model));
+    let mut times = Vec::with_capacity(args.repeats);
+    let (mut other_cpu, mut steal_cpu) = (vec![], vec![]);
+    for i in 0..args.warmup + args.repeats {
+        let before = CpuSnap::now();
+        // Inputs are drawn outside the timed region.
+        let (elapsed, what) = match args.workload {
+            Workload::Train => {
+                let ids = random_ids(&mut rng, cfg.vocab_size, args.batch, args.seq);
+                let t = Instant::now();
+                train_step(&model, stepper.as_mut().unwrap(), &ids)?;
+                (t.elapsed(), "step")
+            }
+            Workload::Dpo => {
+                let ids = random_ids(&mut rng, cfg.vocab_size, 2 * args.batch, args.seq);
+                let half = (args.seq - args.seq / 2) as f32;
+                let ref_lp: Vec<f32> = (0..2 * args.batch)
+                    .map(|_| -(cfg.vocab_size as f32).ln() * half + rng.random_range(-5.0..5.0))
+                    .collect();
+                let ref_lp = Tensor::from_vec(ref_lp, 2 * args.batch, &Device::Cpu)?;
+                let t = Instant::now();
+                dpo_step(&model, stepper.as_mut().unwrap(), &ids, &ref_lp)?;
+                (t.elapsed(), "step")
+            }
+            Workload::Generate => {
+                let prompts: Vec<Vec<u32>> = prompt_lengths(args.batch, args.seq)
+                    .into_iter()
+                    .map(|len| random_ids(&mut rng, cfg.vocab_size, 1, len).remove(0))
+                    .collect();
+                let sc = SamplingConfig {
+                    max_new_tokens: args.new_tokens,
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    stop_ids: vec![],
+                    seed: args.seed.wrapping_add(i as u64),
+                };
+                let t = Instant::now();
+                let samples = generate(&model, &prompts, &sc)?;
+                let elapsed = t.elapsed();
+                let n: usize = samples.iter().map(|s| s.tokens.len()).sum();
+                if n != args.batch * args.new_tokens {
+                    bail!(
+                        "generated {n} tokens, expected {}",
+                        args.batch * args.new_tokens
+                    );
+                }
+                (elapsed, "generate")
+            }
+        };
+        let secs = elapsed.as_secs_f64();
+        let (other, steal) = match (before, CpuSnap::now()) {
+            (Some(a), Some(b)) => a.other_load(&b),
+            _ => (f64::NAN, f64::NAN),
+        };
+        let warm = i < args.warmup;
+        eprintln!(
+            "{label}: {what} {}/{} {secs:.2}s{} (other processes {other:.2} cores, steal {steal:.2})",
+            i + 1,
+            args.warmup + args.repeats,
+            if warm { " (warm-up)" } else { "" }
+        );
+        if !warm {
+            times.push(secs);
+            other_cpu.push((other * 100.0).round() / 100.0);
+            steal_cpu.push((steal * 100.0).round() / 100.0);
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "workload": name(args.workload),
+            "arch": name(args.arch),
+            "times_s": times,
+            "peak_rss_mb": (peak_rss_mb()? * 10.0).round() / 10.0,
+            "batch": args.batch,
+            "seq": args.seq,
+            "new_tokens": if args.workload == Workload::Generate { Some(args.new_tokens) } else { None },
+            "params": cfg.num_parameters(),
+            "ops_path": format!("{:?}", ops::default_path()).to_lowercase(),
+            // Average cores used by other processes / taken by the hypervisor during each timed run.
+            "other_cpu": other_cpu,
+            "steal_cpu": steal_cpu,
+        })
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_lengths_keep_the_token_count() {
+        for (b, t) in [(16, 32), (3, 8), (1, 5)] {
+            let l = prompt_lengths(b, t);
+            assert_eq!(l.len(), b);
+            assert_eq!(l.iter().sum::<usize>(), b * t);
+        }
+    }
+
+    #[test]
+    fn neg_log_sigmoid_is_stable() {
+        let x = Tensor::new(&[-100f32, -1.0, 0.0, 1.0, 100.0], &Device::Cpu).unwrap();
+        let y = neg_log_sigmoid(&x).unwrap().to_vec1::<f32>().unwrap();
+        let want = [100.0f32, 1.3132617, std::f32::consts::LN_2, 0.3132617, 0.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+}
