@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -108,14 +109,22 @@ impl InplaceOp2 for AdamWUpdate<'_> {
         let mut state = self.state.lock().unwrap();
         let (m, v) = &mut *state;
         let (b1, b2) = (self.beta1, self.beta2);
-        for i in 0..p.len() {
-            let g = self.grad[i] * self.scale;
-            m[i] = b1 * m[i] + (1.0 - b1) * g;
-            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-            let m_hat = m[i] / self.bc1;
-            let v_hat = v[i] / self.bc2;
-            p[i] -= self.lr * (m_hat / (v_hat.sqrt() + self.eps) + self.decay * p[i]);
-        }
+        // Element-wise and independent: split into chunks across threads.
+        const CHUNK: usize = 1 << 16;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(self.grad.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let g = g[i] * self.scale;
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                    let m_hat = m[i] / self.bc1;
+                    let v_hat = v[i] / self.bc2;
+                    p[i] -= self.lr * (m_hat / (v_hat.sqrt() + self.eps) + self.decay * p[i]);
+                }
+            });
         if p.iter().any(|x| !x.is_finite()) {
             *self.nonfinite.lock().unwrap() = true;
         }
