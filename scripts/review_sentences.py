@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes data/reviews-{train,eval}.jsonl ({"text": ...}) from the UCI review sentences fetched by
+"""Writes data/reviews-{train,eval}.jsonl ({"text": ...}) and data/review-prompts-{train,eval}.jsonl
+({"prompt": the first 2-4 words of a sentence}, the DPO paper's controlled-sentiment prompts) from the UCI review sentences fetched by
 scripts/fetch-assets.sh (CC BY 4.0, Kotzias et al., KDD 2015). Standard library only."""
 import json, os, random, sys
 
@@ -16,4 +17,11 @@ for name, part in [("train", rows[:1200]), ("eval", rows[1200:1400])]:
     with open(f"data/reviews-{name}.jsonl", "w") as f:
         for t in part:
             f.write(json.dumps({"text": t}) + "\n")
-print(f"wrote data/reviews-train.jsonl (1200) and data/reviews-eval.jsonl (200) from {len(rows)} sentences")
+rng = random.Random(1)
+for name, part in [("train", rows[:1200]), ("eval", rows[1200:1400])]:
+    with open(f"data/review-prompts-{name}.jsonl", "w") as f:
+        for t in part:
+            words = t.split()
+            if len(words) >= 5:
+                f.write(json.dumps({"prompt": " ".join(words[: rng.randint(2, 4)])}) + "\n")
+print(f"wrote data/reviews-train.jsonl (1200) and data/reviews-eval.jsonl (200), data/review-prompts-{{train,eval}}.jsonl from {len(rows)} sentences")

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::io::{read_json, write_json, StagedDir};
 use crate::model::config::{token_id_list, ModelConfig};
 use crate::model::gguf::GgufFile;
+use crate::model::scalar_head::ScalarHead;
 use crate::model::weights::read_hf_weights;
 use crate::model::CausalLm;
 use crate::tokenize::Tokenizer;
@@ -197,23 +198,66 @@ impl Checkpoint {
     }
 }
 
-/// Writes the trained model into `out` (which also holds checkpoints/ and metrics): files go to a
-/// staging directory first and are renamed in with model.safetensors last, so a complete
-/// model.safetensors means a complete model.
+/// Writes the trained model into `out` (which also holds checkpoints/ and metrics).
 pub fn save_final(ck: &Checkpoint, out: &Path) -> Result<()> {
+    install_into(out, |dir| {
+        save_model_files(&ck.model, dir)?;
+        save_side_files(ck, dir)
+    })
+}
+
+/// Writes a reward (or value) model into `out` as transformers' `*ForSequenceClassification`:
+/// the body, `score.weight` [1, D], `num_labels: 1`, a `pad_token_id` (transformers reads the
+/// score at the last token that is not padding), and the normalisation bias as `rlhf_score_bias`.
+pub fn save_reward_model(ck: &Checkpoint, head: &ScalarHead, out: &Path) -> Result<()> {
+    let cfg = &ck.model.config;
+    let mut config = cfg.raw.clone();
+    config["architectures"] = json!([cfg.sequence_classifier_architecture()]);
+    config["id2label"] = json!({"0": "LABEL_0"});
+    config["label2id"] = json!({"LABEL_0": 0});
+    config[crate::model::scalar_head::BIAS_KEY] = json!(head.bias);
+    let pad = cfg
+        .pad_token_id
+        .or_else(|| {
+            let t = ck.tokenizer.as_ref()?;
+            t.pad_token.as_deref().and_then(|p| t.token_id(p))
+        })
+        .or(cfg.eos_token_ids.first().copied());
+    if let Some(p) = pad {
+        config["pad_token_id"] = json!(p);
+    }
+    let score = head.weight.as_tensor().clone();
+    install_into(out, |dir| {
+        write_model_files(
+            &ck.model,
+            config,
+            vec![("score.weight".to_string(), score)],
+            dir,
+        )?;
+        save_side_files(ck, dir)
+    })
+}
+
+fn save_side_files(ck: &Checkpoint, dir: &Path) -> Result<()> {
+    if let Some(t) = &ck.tokenizer {
+        t.save(dir)?;
+    }
+    if let Some(g) = &ck.generation_config {
+        write_json(&dir.join("generation_config.json"), g)?;
+    }
+    Ok(())
+}
+
+/// Writes files into a staging directory inside `out`, then renames them in with
+/// model.safetensors last, so a complete model.safetensors means a complete model.
+fn install_into(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let staging = out.join(".final-partial");
     if staging.exists() {
         std::fs::remove_dir_all(&staging).ok();
     }
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
-    save_model_files(&ck.model, &staging)?;
-    if let Some(t) = &ck.tokenizer {
-        t.save(&staging)?;
-    }
-    if let Some(g) = &ck.generation_config {
-        write_json(&staging.join("generation_config.json"), g)?;
-    }
+    write(&staging)?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(&staging)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
@@ -229,7 +273,15 @@ pub fn save_final(ck: &Checkpoint, out: &Path) -> Result<()> {
 
 /// config.json (marked float32) and model.safetensors.
 pub fn save_model_files(model: &CausalLm, dir: &Path) -> Result<()> {
-    let mut config = model.config.raw.clone();
+    write_model_files(model, model.config.raw.clone(), vec![], dir)
+}
+
+fn write_model_files(
+    model: &CausalLm,
+    mut config: Value,
+    extra: Vec<(String, Tensor)>,
+    dir: &Path,
+) -> Result<()> {
     if config.get("dtype").is_some() {
         config["dtype"] = json!("float32");
     } else {
@@ -239,13 +291,13 @@ pub fn save_model_files(model: &CausalLm, dir: &Path) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = model
         .state_dict()?
         .into_iter()
+        .chain(extra)
         .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let path = dir.join("model.safetensors");
-    let views: Vec<(String, candle_core::Tensor)> = tensors;
     safetensors::serialize_to_file(
-        views.iter().map(|(n, t)| (n.as_str(), TensorView(t))),
+        tensors.iter().map(|(n, t)| (n.as_str(), TensorView(t))),
         Some(meta),
         &path,
     )

@@ -46,6 +46,8 @@ pub struct Sample {
     pub sampling_logprobs: Vec<f32>,
     /// log-prob of each token under the model's raw next-token distribution.
     pub model_logprobs: Vec<f32>,
+    /// Entropy (nats) of the model's raw next-token distribution at each step.
+    pub entropies: Vec<f32>,
     /// True when a stop token ended the row (false: it ran out of max_new_tokens).
     pub stopped: bool,
 }
@@ -213,6 +215,12 @@ pub fn generate(
             s.tokens.push(tok as u32);
             s.sampling_logprobs.push(sample_lp);
             s.model_logprobs.push(model_lp[tok]);
+            s.entropies.push(
+                -model_lp
+                    .iter()
+                    .map(|&l| (l as f64).exp() * l as f64)
+                    .sum::<f64>() as f32,
+            );
             if cfg.stop_ids.contains(&(tok as u32)) {
                 s.stopped = true;
             } else {

@@ -107,3 +107,14 @@ pub fn expand_tilde(path: &str) -> String {
         _ => path.to_string(),
     }
 }
+
+/// Writes `bytes` to `path` through a temporary sibling and a rename: `path` is either absent or
+/// complete.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}

@@ -11,5 +11,6 @@ pub mod generate;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod reward;
 pub mod tokenize;
 pub mod train;

@@ -30,6 +30,14 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Supervised fine-tuning (SFT) from a TOML config; `rlhf sft --help` lists every key.
     Sft(commands::sft::SftArgs),
+    /// Train a reward model on pairs or K-way rankings (InstructGPT); `rlhf rm --help` lists every key.
+    Rm(commands::RunArgs),
+    /// Scores of a reward model for a file of texts, as JSONL.
+    Score(commands::score::ScoreArgs),
+    /// Direct Preference Optimization and variants (IPO, cDPO, hinge, Plackett-Luce); `rlhf dpo --help` lists every key.
+    Dpo(commands::RunArgs),
+    /// RLHF with PPO (per-token KL to the reference, PPO-ptx); `rlhf ppo --help` lists every key.
+    Ppo(commands::RunArgs),
     /// Convert a checkpoint (GGUF, HF dir, HF cache id) into an HF directory transformers loads.
     Convert(commands::convert::ConvertArgs),
     /// Benchmark workloads (for bench/run.sh)
@@ -51,6 +59,9 @@ fn main() {
     // Config keys are listed under each training command's --help.
     let matches = Cli::command()
         .mut_subcommand("sft", |c| c.after_help(commands::sft::help_text()))
+        .mut_subcommand("rm", |c| c.after_help(commands::rm::help_text()))
+        .mut_subcommand("dpo", |c| c.after_help(commands::dpo::help_text()))
+        .mut_subcommand("ppo", |c| c.after_help(commands::ppo::help_text()))
         .get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match &cli.command {
@@ -58,6 +69,10 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Sft(a) => commands::sft::run(a),
+        Command::Rm(a) => commands::rm::run(a),
+        Command::Score(a) => commands::score::run(a),
+        Command::Dpo(a) => commands::dpo::run(a),
+        Command::Ppo(a) => commands::ppo::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {

@@ -92,26 +92,7 @@ fn fingerprint(
     format!("{:016x}", h.finish())
 }
 
-/// Records with their line numbers.
-type Records = Vec<(usize, serde_json::Value)>;
-
-fn split_eval(records: Records, fraction: f64, seed: u64) -> (Records, Records) {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    let n_eval = ((records.len() as f64) * fraction).round() as usize;
-    let mut idx: Vec<usize> = (0..records.len()).collect();
-    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
-    let eval_set: std::collections::HashSet<usize> = idx[..n_eval].iter().copied().collect();
-    let (mut train, mut eval) = (vec![], vec![]);
-    for (i, r) in records.into_iter().enumerate() {
-        if eval_set.contains(&i) {
-            eval.push(r)
-        } else {
-            train.push(r)
-        }
-    }
-    (train, eval)
-}
+use super::split_eval;
 
 pub fn run(args: &SftArgs) -> Result<()> {
     let origin = args

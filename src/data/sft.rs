@@ -102,6 +102,53 @@ fn text_field<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str)
 }
 
+/// Token ids of a prompt and of its completion (strings, or message lists rendered with the chat
+/// template: the completion's ids are what the full render adds after the prompt's generation
+/// prompt). Strings get the tokenizer's special tokens on the prompt, and an EOS after the
+/// completion when `append_eos`.
+pub fn encode_prompt_completion(
+    tok: &Tokenizer,
+    prompt: &Value,
+    completion: &Value,
+    append_eos: bool,
+) -> Result<(Vec<u32>, Vec<u32>)> {
+    let eos = tok.eos_token.as_deref().and_then(|e| tok.token_id(e));
+    Ok(match (prompt, completion) {
+        (Value::String(p), Value::String(c)) => {
+            if c.is_empty() {
+                bail!("empty completion");
+            }
+            let mut c_ids = tok.encode(c, false)?;
+            if let (true, Some(e)) = (append_eos, eos) {
+                if c_ids.last() != Some(&e) {
+                    c_ids.push(e);
+                }
+            }
+            (tok.encode(p, true)?, c_ids)
+        }
+        (Value::Array(p), Value::Array(c)) => {
+            if c.is_empty() {
+                bail!("empty completion (no messages)");
+            }
+            let all: Vec<Value> = p.iter().chain(c.iter()).cloned().collect();
+            let prefix = render_chat(tok, prompt, true)?;
+            let full = render_chat(tok, &Value::Array(all), false)?;
+            if !full.starts_with(&prefix) {
+                bail!(
+                    "the chat template does not render the prompt as a prefix of the conversation"
+                );
+            }
+            let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
+            let split = offsets
+                .iter()
+                .position(|&(s, _)| s >= prefix.len())
+                .unwrap_or(ids.len());
+            (ids[..split].to_vec(), ids[split..].to_vec())
+        }
+        _ => bail!("the prompt and its completions must all be strings or all be message lists"),
+    })
+}
+
 /// Tokenises one record into ids and targets (before truncation).
 fn tokenize_record(
     tok: &Tokenizer,
@@ -132,38 +179,7 @@ fn tokenize_record(
         return Ok((ids, targets));
     }
     if let (Some(prompt), Some(completion)) = (rec.get("prompt"), rec.get("completion")) {
-        let (prompt_ids, completion_ids) = match (prompt, completion) {
-            (Value::String(p), Value::String(c)) => {
-                if c.is_empty() {
-                    bail!("empty \"completion\"");
-                }
-                let mut c_ids = tok.encode(c, false)?;
-                if let Some(e) = eos {
-                    if c_ids.last() != Some(&e) {
-                        c_ids.push(e);
-                    }
-                }
-                (tok.encode(p, true)?, c_ids)
-            }
-            (Value::Array(p), Value::Array(c)) => {
-                // Conversational: the completion's tokens are what the full render adds.
-                let all: Vec<Value> = p.iter().chain(c.iter()).cloned().collect();
-                let prefix = render_chat(tok, prompt, true)?;
-                let full = render_chat(tok, &Value::Array(all), false)?;
-                if !full.starts_with(&prefix) {
-                    bail!("the chat template does not render the prompt as a prefix of the conversation");
-                }
-                let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
-                let split = offsets
-                    .iter()
-                    .position(|&(s, _)| s >= prefix.len())
-                    .unwrap_or(ids.len());
-                (ids[..split].to_vec(), ids[split..].to_vec())
-            }
-            _ => {
-                bail!("\"prompt\" and \"completion\" must both be strings or both be message lists")
-            }
-        };
+        let (prompt_ids, completion_ids) = encode_prompt_completion(tok, prompt, completion, true)?;
         let n_prompt = prompt_ids.len();
         let ids: Vec<u32> = prompt_ids.into_iter().chain(completion_ids).collect();
         let targets = (0..ids.len())

@@ -121,6 +121,39 @@ pub fn token_id_list(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
+    /// A transformers `*ForSequenceClassification` checkpoint (a reward model): no LM head.
+    pub fn is_sequence_classifier(&self) -> bool {
+        self.raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .is_some_and(|a| a.ends_with("ForSequenceClassification"))
+    }
+
+    /// The transformers class name of this model with a scalar (sequence-classification) head.
+    pub fn sequence_classifier_architecture(&self) -> String {
+        let given = self
+            .raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        for suffix in ["ForCausalLM", "LMHeadModel", "ForSequenceClassification"] {
+            if let Some(stem) = given.strip_suffix(suffix) {
+                if !stem.is_empty() {
+                    return format!("{stem}ForSequenceClassification");
+                }
+            }
+        }
+        let stem = match self.model_type.as_str() {
+            "gpt2" => "GPT2",
+            "mistral" => "Mistral",
+            "qwen2" => "Qwen2",
+            _ => "Llama",
+        };
+        format!("{stem}ForSequenceClassification")
+    }
+
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;

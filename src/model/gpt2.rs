@@ -30,7 +30,7 @@ pub struct Gpt2 {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: Norm,
-    lm_head: Option<Tensor>,
+    pub(super) lm_head: Option<Tensor>,
 }
 
 /// Conv1D weights whose layout differs from torch.nn.Linear.
@@ -101,7 +101,7 @@ impl Gpt2 {
             w.remove(&format!("{prefix}h.{i}.attn.bias"));
             w.remove(&format!("{prefix}h.{i}.attn.masked_bias"));
         }
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.tie_word_embeddings || cfg.is_sequence_classifier() {
             w.remove("lm_head.weight");
             None
         } else {

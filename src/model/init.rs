@@ -17,7 +17,7 @@ use super::weights::WeightMap;
 const INIT_STD: f64 = 0.02;
 
 /// Fills a new tensor of `shape` with N(0, std²) values (Box–Muller, two values per pair of draws).
-fn normal(rng: &mut ChaCha8Rng, shape: &[usize], std: f64) -> Result<Tensor> {
+pub(crate) fn normal(rng: &mut ChaCha8Rng, shape: &[usize], std: f64) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {

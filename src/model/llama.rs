@@ -35,7 +35,7 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     /// None when tied to the input embedding.
-    lm_head: Option<Tensor>,
+    pub(super) lm_head: Option<Tensor>,
     inv_freq: Vec<f32>,
 }
 
@@ -89,7 +89,7 @@ impl Llama {
             });
         }
         let norm = get("norm.weight", &[d])?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let lm_head = if cfg.tie_word_embeddings || cfg.is_sequence_classifier() {
             w.remove("lm_head.weight");
             None
         } else {

@@ -6,6 +6,7 @@ pub mod gpt2;
 pub mod init;
 pub mod linear;
 pub mod llama;
+pub mod scalar_head;
 pub mod weights;
 
 use anyhow::{bail, Result};
@@ -24,6 +25,29 @@ pub struct StepInputs {
 }
 
 impl StepInputs {
+    /// Sequences of different lengths, right-padded into one batch; padding is masked out.
+    pub fn right_padded(cfg: &ModelConfig, seqs: &[&[u32]]) -> Result<StepInputs> {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let pad = cfg.pad_token_id.unwrap_or(0) % cfg.vocab_size as u32;
+        let mut ids = Vec::with_capacity(seqs.len());
+        let mut mask = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let n = t - s.len();
+            ids.push(
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, n))
+                    .collect::<Vec<_>>(),
+            );
+            mask.push(
+                std::iter::repeat_n(1u8, s.len())
+                    .chain(std::iter::repeat_n(0, n))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Self::from_padded(cfg, &ids, &mask)
+    }
+
     /// A whole padded batch at once (no cache). `mask[b][t]` is 1 for real tokens.
     pub fn from_padded(
         cfg: &ModelConfig,
@@ -139,8 +163,10 @@ pub struct CausalLm {
     pub config: ModelConfig,
     body: Body,
     params: Vec<(String, Var)>,
-    /// Checkpoint tensors that no part of the model used (e.g. a classification head).
+    /// Checkpoint tensors that no part of the model used.
     pub unused_tensors: Vec<String>,
+    /// `score.weight` [1, D] of a `*ForSequenceClassification` checkpoint (reward/value head).
+    pub score_head: Option<Tensor>,
 }
 
 impl CausalLm {
@@ -154,6 +180,7 @@ impl CausalLm {
             trainable,
             params: vec![],
         };
+        let score_head = weights.remove("score.weight");
         let body = match config.family {
             Family::Llama => Body::Llama(llama::Llama::load(&config, &mut weights, &mut pc)?),
             Family::Gpt2 => Body::Gpt2(gpt2::Gpt2::load(&config, &mut weights, &mut pc)?),
@@ -163,7 +190,17 @@ impl CausalLm {
             body,
             params: pc.params,
             unused_tensors: weights.leftover(),
+            score_head,
         })
+    }
+
+    /// Drops an untied LM head (and its parameter): a reward or value model never uses it.
+    pub fn drop_lm_head(&mut self) {
+        match &mut self.body {
+            Body::Llama(m) => m.lm_head = None,
+            Body::Gpt2(m) => m.lm_head = None,
+        }
+        self.params.retain(|(n, _)| n != "lm_head.weight");
     }
 
     /// Final-norm hidden states [B, T, D].
@@ -277,5 +314,35 @@ impl CausalLm {
             .zip(seqs)
             .map(|(row, s)| row[t - s.len()..].to_vec())
             .collect())
+    }
+
+    /// Per-token log-probs of each sequence's completion: sequences are right-padded into one
+    /// batch; entry [n, t] is log π(seq[t+1] | seq[..=t]) and `mask[n, t]` is 1 when token t+1
+    /// belongs to the completion (index ≥ `starts[n]`). Returns (log-probs [N, T−1], mask
+    /// [N, T−1], hidden states [N, T−1, D] that predict those tokens).
+    pub fn completion_logprobs(
+        &self,
+        seqs: &[&[u32]],
+        starts: &[usize],
+        path: ops::OpsPath,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        if t < 2
+            || seqs
+                .iter()
+                .zip(starts)
+                .any(|(s, &st)| st == 0 || st >= s.len())
+        {
+            bail!("each sequence needs a non-empty prompt and a non-empty completion");
+        }
+        let mut mask = Vec::with_capacity(seqs.len() * (t - 1));
+        for (s, &st) in seqs.iter().zip(starts) {
+            mask.extend((1..t).map(|i| f32::from(u8::from(i >= st && i < s.len()))));
+        }
+        let inp = StepInputs::right_padded(&self.config, seqs)?;
+        let hidden = self.forward_hidden(&inp, None)?.narrow(1, 0, t - 1)?;
+        let lp = self.token_logprobs(&hidden, &inp.ids.narrow(1, 1, t - 1)?, path)?;
+        let mask = Tensor::from_vec(mask, (seqs.len(), t - 1), &candle_core::Device::Cpu)?;
+        Ok(((lp * &mask)?, mask, hidden))
     }
 }

@@ -61,6 +61,12 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
+/// log σ(x) = −relu(−x) − log(1 + e^{−|x|}), finite for any x (and differentiable).
+pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
+    let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    x.neg()?.relu()?.neg()? - soft
+}
+
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
         Activation::Silu => x.silu(),

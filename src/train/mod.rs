@@ -2,6 +2,7 @@
 //! accumulation, clipping and the NaN guard, metrics, and resumable checkpoints.
 
 pub mod config;
+pub mod lm_loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;

@@ -61,6 +61,7 @@ pub fn save_checkpoint(
     optimizer: &AdamW,
     state: &TrainerState,
     keep: usize,
+    extra: &[(String, Tensor)],
 ) -> Result<PathBuf> {
     let dir = checkpoints_dir(output_dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -80,6 +81,9 @@ pub fn save_checkpoint(
         &optimizer.state_tensors(params)?,
         &staging.join("optimizer.safetensors"),
     )?;
+    if !extra.is_empty() {
+        save_tensors(extra, &staging.join("extra.safetensors"))?;
+    }
     crate::io::write_json(
         &staging.join("trainer_state.json"),
         &serde_json::to_value(state)?,
@@ -128,6 +132,22 @@ pub fn load_checkpoint(
     let opath = path.join("optimizer.safetensors");
     let opt = candle_core::safetensors::load(&opath, &dev)
         .with_context(|| format!("cannot read {}", opath.display()))?;
-    optimizer.load_state(params, &opt, state.step - state.skipped_steps)?;
+    // Algorithms whose steps are not optimizer updates (PPO) record the update count.
+    let updates = state
+        .extra
+        .get("optimizer_steps")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(state.step - state.skipped_steps);
+    optimizer.load_state(params, &opt, updates)?;
     Ok(state)
+}
+
+/// Tensors an algorithm saved beside the weights (e.g. PPO's EMA of the policy); empty if none.
+pub fn load_extra_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let p = path.join("extra.safetensors");
+    if !p.exists() {
+        return Ok(HashMap::new());
+    }
+    candle_core::safetensors::load(&p, &candle_core::Device::Cpu)
+        .with_context(|| format!("cannot read {}", p.display()))
 }

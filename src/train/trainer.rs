@@ -39,6 +39,10 @@ pub trait Task {
     ) -> Result<MicroBatchLoss>;
     /// Held-out metrics, named `eval/...`; empty when there is no evaluation data.
     fn evaluate(&mut self, model: &CausalLm) -> Result<Vec<(String, f64)>>;
+    /// Trainable parameters outside the model body (e.g. a reward model's scalar head).
+    fn extra_parameters(&self) -> Vec<(String, candle_core::Var)> {
+        vec![]
+    }
 }
 
 pub struct TrainOutcome {
@@ -51,7 +55,7 @@ pub struct TrainOutcome {
 
 /// Example order: a fresh seeded permutation per epoch, concatenated. Step s takes the next
 /// `per_step` indices, so the order depends only on (seed, step) — which is what makes resuming exact.
-fn step_examples(n: usize, per_step: usize, seed: u64, step: u64) -> Vec<usize> {
+pub fn step_examples(n: usize, per_step: usize, seed: u64, step: u64) -> Vec<usize> {
     let start = step as usize * per_step;
     let mut out = Vec::with_capacity(per_step);
     let mut epoch = start / n;
@@ -138,8 +142,10 @@ pub fn train(
     resume: bool,
     fingerprint: &str,
 ) -> Result<TrainOutcome> {
-    let params = model.parameters();
-    if params.is_empty() {
+    let mut all_params = model.parameters().to_vec();
+    all_params.extend(task.extra_parameters());
+    let params = &all_params[..];
+    if model.parameters().is_empty() {
         bail!("the model was loaded without trainable parameters");
     }
     let out = Path::new(&cfg.output_dir);
@@ -318,7 +324,7 @@ pub fn train(
         }
         if cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last) {
             logger.flush()?;
-            save_checkpoint(out, params, &optimizer, &state, cfg.save_total_limit)?;
+            save_checkpoint(out, params, &optimizer, &state, cfg.save_total_limit, &[])?;
         }
     }
     pb.finish_and_clear();

@@ -52,3 +52,57 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Runs the rlhf binary (with backtraces on, so that error messages are checked as users see them).
+pub fn run_rlhf(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"))
+        .env("RUST_BACKTRACE", "1")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+pub fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "rlhf failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn write_jsonl(path: &std::path::Path, lines: &[serde_json::Value]) {
+    let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    std::fs::write(path, text).unwrap();
+}
+
+pub fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The first and last logged values of a metric in `dir/metrics.jsonl`.
+pub fn metric_first_last(dir: &std::path::Path, key: &str) -> (f64, f64) {
+    let values: Vec<f64> = read_jsonl(&dir.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m.get(key).and_then(|v| v.as_f64()))
+        .collect();
+    assert!(!values.is_empty(), "metric {key} was never logged");
+    (values[0], *values.last().unwrap())
+}
+
+/// A tiny deterministic generator (tests must not depend on rand's algorithms).
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn below(&mut self, k: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 33) as usize) % k
+    }
+}

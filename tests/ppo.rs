@@ -1,0 +1,265 @@
+//! PPO end to end on the tiny fixture model with a rule reward: the sampler's log-probs are the
+//! trainer's old log-probs, reward rises while KL stays bounded, β trades reward for KL, and bad
+//! rewards or prompts are caught.
+
+mod common;
+use common::*;
+use serde_json::json;
+use std::path::Path;
+
+#[test]
+fn sampler_logprobs_equal_a_fresh_forward_so_the_first_ratio_is_one() {
+    use rlhf::checkpoint::Checkpoint;
+    use rlhf::generate::{generate, SamplingConfig};
+    let ck = Checkpoint::load(&model_path("llama-tied"), true).unwrap();
+    let prompts: Vec<Vec<u32>> = vec![vec![5, 9, 40], vec![7, 8, 100, 120, 33], vec![250]];
+    let samples = generate(
+        &ck.model,
+        &prompts,
+        &SamplingConfig {
+            max_new_tokens: 12,
+            seed: 3,
+            stop_ids: vec![2],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let seqs: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let starts: Vec<usize> = samples.iter().map(|s| s.prompt.len()).collect();
+    let (lp, _, _) = ck
+        .model
+        .completion_logprobs(&refs, &starts, rlhf::ops::default_path())
+        .unwrap();
+    let lp = lp.to_vec2::<f32>().unwrap();
+    for (n, s) in samples.iter().enumerate() {
+        let fresh = &lp[n][starts[n] - 1..seqs[n].len() - 1];
+        let worst = max_abs_diff(fresh, &s.model_logprobs);
+        assert!(worst < 1e-5, "row {n}: |Δ log π| = {worst}");
+    }
+}
+
+fn prompts_file(dir: &Path, n: usize) -> std::path::PathBuf {
+    let mut rng = Lcg(4);
+    let words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far"];
+    let lines: Vec<serde_json::Value> = (0..n)
+        .map(|_| {
+            let p: Vec<&str> = (0..3).map(|_| words[rng.below(words.len())]).collect();
+            json!({"prompt": p.join(" ")})
+        })
+        .collect();
+    let p = dir.join("prompts.jsonl");
+    write_jsonl(&p, &lines);
+    p
+}
+
+fn ppo(dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
+    let sets = [
+        format!("model=\"{}\"", model_path("llama-tied")),
+        format!("prompt_file=\"{}\"", prompts.display()),
+        format!("output_dir=\"{}\"", dir.display()),
+        "reward=\"rule:ids:100-160\"".into(),
+        "response_length=8".into(),
+        "learning_rate=3e-3".into(),
+        "lr_scheduler_type=\"constant\"".into(),
+        "per_device_train_batch_size=16".into(),
+        "num_ppo_epochs=2".into(),
+        "save_steps=0".into(),
+        "sample_every=5".into(),
+    ];
+    let mut args: Vec<String> = vec!["ppo".into()];
+    for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
+        args.push("--set".into());
+        args.push(s.into());
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_rlhf(&refs)
+}
+
+fn series(dir: &Path, key: &str) -> Vec<f64> {
+    read_jsonl(&dir.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m.get(key).and_then(|v| v.as_f64()))
+        .collect()
+}
+
+fn avg(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn reward_rises_with_bounded_kl_and_a_larger_beta_keeps_closer_to_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 64);
+    let mut results = vec![];
+    for beta in ["0.01", "1.0"] {
+        let out = tmp.path().join(format!("beta-{beta}"));
+        let o = ppo(
+            &out,
+            &prompts,
+            &[&format!("kl_coef={beta}"), "total_episodes=480"],
+        );
+        assert_ok(&o);
+        let scores = series(&out, "objective/scores");
+        let kl = series(&out, "objective/kl");
+        assert_eq!(scores.len(), 30);
+        let (start, end) = (avg(&scores[..5]), avg(&scores[25..]));
+        let end_kl = avg(&kl[25..]);
+        println!("β {beta}: score {start:.3} → {end:.3}, KL {end_kl:.3}");
+        assert!(kl.iter().all(|k| k.is_finite() && *k < 30.0), "KL {kl:?}");
+        let ratio = series(&out, "val/first_ratio_max_abs_log");
+        assert!(
+            ratio.iter().all(|&r| r < 1e-4),
+            "first-update ratio off: {ratio:?}"
+        );
+        for key in [
+            "objective/entropy",
+            "objective/non_score_reward",
+            "objective/rlhf_reward",
+            "policy/approxkl_avg",
+            "policy/clipfrac_avg",
+            "policy/entropy_avg",
+            "loss/policy_avg",
+            "loss/value_avg",
+            "time/generation",
+            "time/training",
+        ] {
+            assert!(!series(&out, key).is_empty(), "{key} not logged");
+        }
+        assert!(out.join("samples.jsonl").exists() && out.join("model.safetensors").exists());
+        results.push((start, end, end_kl));
+    }
+    let (s0, e0, kl0) = results[0];
+    let (_, e1, kl1) = results[1];
+    assert!(e0 > s0 + 0.15, "reward did not rise: {s0} → {e0}");
+    assert!(
+        kl1 < kl0 && e1 < e0,
+        "β 1.0 should end closer to the reference with less reward: {results:?}"
+    );
+}
+
+#[test]
+fn ptx_keeps_the_pretraining_loss_lower() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 32);
+    let text: Vec<serde_json::Value> = (0..40)
+        .map(|i| json!({"text": format!("the cat sat on the mat number {i} and the dog ran far away")}))
+        .collect();
+    let ptx = tmp.path().join("ptx.jsonl");
+    write_jsonl(&ptx, &text);
+    let mut losses = vec![];
+    for coef in ["0.0", "2.0"] {
+        let out = tmp.path().join(format!("ptx-{coef}"));
+        let o = ppo(
+            &out,
+            &prompts,
+            &[
+                &format!("ptx_coef={coef}"),
+                &format!("ptx_file=\"{}\"", ptx.display()),
+                "total_episodes=160",
+                "ema_decay=0.5",
+            ],
+        );
+        assert_ok(&o);
+        // Held-out text perplexity of the saved policy.
+        let lp = run_rlhf(&[
+            "logprobs",
+            "--model",
+            out.to_str().unwrap(),
+            "--text",
+            "the dog sat on the mat and the cat ran far away",
+            "--json",
+        ]);
+        assert_ok(&lp);
+        let v: serde_json::Value = serde_json::from_slice(&lp.stdout).unwrap();
+        let l = v["logprobs"].as_array().unwrap();
+        losses.push(-l.iter().map(|x| x.as_f64().unwrap()).sum::<f64>() / l.len() as f64);
+    }
+    println!(
+        "held-out LM loss: PPO {:.3}, PPO-ptx {:.3}",
+        losses[0], losses[1]
+    );
+    assert!(losses[1] < losses[0], "{losses:?}");
+}
+
+#[test]
+fn bad_reward_and_long_prompts_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A reward model whose head is NaN.
+    let rm = tmp.path().join("nan-rm");
+    std::fs::create_dir(&rm).unwrap();
+    let src = fixture("models/llama-rm");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), rm.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<u8>, Vec<usize>)> = vec![];
+    for (name, view) in st.tensors() {
+        let mut data = view.data().to_vec();
+        if name == "score.weight" {
+            data = f32::NAN.to_le_bytes().repeat(data.len() / 4);
+        }
+        owned.push((name.to_string(), data, view.shape().to_vec()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = owned
+        .iter()
+        .map(|(n, d, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &rm.join("model.safetensors")).unwrap();
+
+    let prompts = prompts_file(tmp.path(), 8);
+    let out = tmp.path().join("nan");
+    let o = ppo(
+        &out,
+        &prompts,
+        &[&format!("reward=\"{}\"", rm.display()), "total_episodes=16"],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.starts_with("error:") && last.contains("iteration 1") && last.contains("NaN"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+
+    let long = tmp.path().join("long.jsonl");
+    write_jsonl(
+        &long,
+        &[
+            json!({"prompt": "a b c d e f g h i j k l m n o p q r s t u v w x y z"}),
+            json!({"prompt": "short"}),
+        ],
+    );
+    let out = tmp.path().join("long");
+    let o = ppo(
+        &out,
+        &long,
+        &[
+            "max_prompt_length=8",
+            "total_episodes=16",
+            "per_device_train_batch_size=2",
+            "num_ppo_epochs=1",
+        ],
+    );
+    assert_ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("prompts: 2 (1 truncated to their last 8 tokens)"),
+        "{err}"
+    );
+
+    let o = ppo(&tmp.path().join("x"), &prompts, &["reward=\"rule:nope\""]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown rule"));
+}
