@@ -1,6 +1,8 @@
 //! Reward model (InstructGPT §3.5). For a prompt x with K completions ranked best first,
 //!
-//!     loss(x) = −1/C(K,2) · Σ_{i<j} log σ(r(x, y_i) − r(x, y_j) − m)
+//! ```text
+//! loss(x) = −1/C(K,2) · Σ_{i<j} log σ(r(x, y_i) − r(x, y_j) − m)
+//! ```
 //!
 //! All C(K,2) pairs of one prompt form ONE batch element, so each completion goes through the
 //! model once however many pairs it is in. A preference pair is the K = 2 case; m is the record's
