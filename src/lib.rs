@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod io;
 pub mod model;

@@ -38,6 +38,12 @@ enum Command {
     Dpo(commands::RunArgs),
     /// RLHF with PPO (per-token KL to the reference, PPO-ptx); `rlhf ppo --help` lists every key.
     Ppo(commands::RunArgs),
+    /// Sample from policies, judge them, report reward, win rate, KL, perplexity and cloze accuracy; `rlhf eval --help` lists every key.
+    Eval(commands::RunArgs),
+    /// Preference data from a judge: K samples per prompt, ranked (rankings + best/worst pairs).
+    Preferences(commands::preferences::PreferencesArgs),
+    /// The whole pipeline with nothing downloaded: tiny model → SFT → RM → PPO and DPO → report (about 10 minutes on 2 cores).
+    Quickstart(commands::quickstart::QuickstartArgs),
     /// Convert a checkpoint (GGUF, HF dir, HF cache id) into an HF directory transformers loads.
     Convert(commands::convert::ConvertArgs),
     /// Benchmark workloads (for bench/run.sh)
@@ -62,6 +68,7 @@ fn main() {
         .mut_subcommand("rm", |c| c.after_help(commands::rm::help_text()))
         .mut_subcommand("dpo", |c| c.after_help(commands::dpo::help_text()))
         .mut_subcommand("ppo", |c| c.after_help(commands::ppo::help_text()))
+        .mut_subcommand("eval", |c| c.after_help(commands::eval::help_text()))
         .get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match &cli.command {
@@ -73,6 +80,9 @@ fn main() {
         Command::Score(a) => commands::score::run(a),
         Command::Dpo(a) => commands::dpo::run(a),
         Command::Ppo(a) => commands::ppo::run(a),
+        Command::Eval(a) => commands::eval::run(a),
+        Command::Preferences(a) => commands::preferences::run(a),
+        Command::Quickstart(a) => commands::quickstart::run(a),
         Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {

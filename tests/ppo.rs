@@ -263,3 +263,62 @@ fn bad_reward_and_long_prompts_are_reported() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown rule"));
 }
+
+#[test]
+fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 16);
+    let full = tmp.path().join("full");
+    let settings = [
+        "total_episodes=64",
+        "per_device_train_batch_size=4",
+        "gradient_accumulation_steps=2",
+        "num_mini_batches=2",
+        "adaptive_kl=true",
+        "kl_target=0.5",
+        "ema_decay=0.9",
+        "save_steps=1",
+        "save_total_limit=10",
+    ];
+    assert_ok(&ppo(&full, &prompts, &settings));
+    // A copy of the run as it was after iteration 2 (of 4), then resumed.
+    let part = tmp.path().join("part");
+    std::fs::create_dir_all(part.join("checkpoints")).unwrap();
+    for entry in std::fs::read_dir(full.join("checkpoints")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with("00000001") || name.ends_with("00000002") {
+            let dst = part.join("checkpoints").join(&name);
+            std::fs::create_dir(&dst).unwrap();
+            for f in std::fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let resumed = {
+        let sets = [
+            format!("model=\"{}\"", model_path("llama-tied")),
+            format!("prompt_file=\"{}\"", prompts.display()),
+            format!("output_dir=\"{}\"", part.display()),
+            "reward=\"rule:ids:100-160\"".into(),
+            "response_length=8".into(),
+            "learning_rate=3e-3".into(),
+            "lr_scheduler_type=\"constant\"".into(),
+            "num_ppo_epochs=2".into(),
+            "sample_every=5".into(),
+        ];
+        let mut a: Vec<String> = vec!["ppo".into(), "--resume".into()];
+        for s in sets.iter().map(String::as_str).chain(settings.iter().copied()) {
+            a.push("--set".into());
+            a.push(s.into());
+        }
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        run_rlhf(&refs)
+    };
+    assert_ok(&resumed);
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
+    let a = std::fs::read(full.join("model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("model.safetensors")).unwrap();
+    assert!(a == b, "resumed PPO run ended with different weights");
+}

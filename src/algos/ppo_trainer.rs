@@ -13,6 +13,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::ppo::{gae, policy_loss, token_rewards, value_loss, whiten, KlController};
+use crate::data::prompts::Prompt;
 use crate::data::sft::Example;
 use crate::generate::{generate, Sample, SamplingConfig};
 use crate::model::scalar_head::ScalarHead;
@@ -116,12 +117,6 @@ impl PpoConfig {
         }
         Ok(())
     }
-}
-
-/// A prompt as token ids and as text (what text-based reward sources see).
-pub struct Prompt {
-    pub ids: Vec<u32>,
-    pub text: String,
 }
 
 /// The models PPO works with. The value model is a separate body with a scalar head.

@@ -3,9 +3,12 @@
 pub mod bench;
 pub mod convert;
 pub mod dpo;
+pub mod eval;
 pub mod generate;
 pub mod logprobs;
 pub mod ppo;
+pub mod preferences;
+pub mod quickstart;
 pub mod rm;
 pub mod score;
 pub mod sft;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::algos::sft::SftTask;
 use crate::checkpoint::Checkpoint;
@@ -11,18 +11,8 @@ use crate::config::{check_keys, describe, extract, load_table, KeyDoc};
 use crate::data::sft::{prepare, SftDataConfig, SFT_DATA_KEYS};
 use crate::train::{train, TrainConfig, TRAIN_KEYS};
 
-#[derive(clap::Args, Debug)]
-pub struct SftArgs {
-    /// TOML file with the run's settings (keys below).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override or add a setting: --set learning_rate=1e-5 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Continue from the newest checkpoint in output_dir.
-    #[arg(long)]
-    pub resume: bool,
-}
+/// `--config`, `--set`, `--resume`.
+pub type SftArgs = super::RunArgs;
 
 #[derive(Clone, Debug, Deserialize, Serialize, Default)]
 #[serde(default, deny_unknown_fields)]

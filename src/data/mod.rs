@@ -2,6 +2,7 @@
 
 pub mod parquet;
 pub mod preference;
+pub mod prompts;
 pub mod sft;
 
 use anyhow::{bail, Context, Result};

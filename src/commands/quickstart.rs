@@ -1,0 +1,426 @@
+//! `rlhf quickstart`: the whole pipeline on data that ships with the crate, with nothing
+//! downloaded — a tiny model trained here on review sentences, then SFT → reward model on K-way
+//! rankings judged by VADER → PPO against it, and DPO on the same preferences, then a report.
+//! Every stage is one of the ordinary commands run with `--set` options, printed so that users
+//! can run them by hand; `--model` starts from a real checkpoint instead of the tiny model.
+
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::RunArgs;
+use crate::eval::{run_eval, table, EvalConfig};
+use crate::reward::VaderReward;
+
+const REVIEWS: &str = include_str!("../../assets/reviews.txt");
+
+#[derive(clap::Args, Debug)]
+pub struct QuickstartArgs {
+    /// Start from this checkpoint (HF dir, .gguf or cached repo id) instead of training a tiny
+    /// model here, e.g. ~/.cache/rlhf-assets/smollm2-135m-instruct/model.gguf.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Directory for every model, data file and the report.
+    #[arg(long, default_value = "quickstart-out")]
+    pub out: PathBuf,
+    /// Much smaller stages (a smoke test of the pipeline; used by the test suite).
+    #[arg(long, hide = true)]
+    pub smoke: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Sizes of the stages.
+struct Plan {
+    pretrain_steps: usize,
+    sft_steps: usize,
+    ranking_prompts: usize,
+    k: usize,
+    response_length: usize,
+    rm_steps: usize,
+    ppo_episodes: usize,
+    dpo_steps: usize,
+    eval_prompts: usize,
+    sft_lr: f64,
+    rl_lr: f64,
+    dpo_lr: f64,
+}
+
+impl Plan {
+    fn new(real_model: bool, smoke: bool) -> Plan {
+        if smoke {
+            return Plan {
+                pretrain_steps: 30,
+                sft_steps: 5,
+                ranking_prompts: 64,
+                k: 4,
+                response_length: 8,
+                rm_steps: 10,
+                ppo_episodes: 32,
+                dpo_steps: 5,
+                eval_prompts: 16,
+                sft_lr: 3e-3,
+                rl_lr: 1e-3,
+                dpo_lr: 1e-3,
+            };
+        }
+        if real_model {
+            return Plan {
+                pretrain_steps: 0,
+                sft_steps: 40,
+                ranking_prompts: 96,
+                k: 4,
+                response_length: 24,
+                rm_steps: 60,
+                ppo_episodes: 320,
+                dpo_steps: 40,
+                eval_prompts: 96,
+                sft_lr: 5e-5,
+                rl_lr: 1e-5,
+                dpo_lr: 5e-6,
+            };
+        }
+        Plan {
+            pretrain_steps: 1000,
+            sft_steps: 100,
+            ranking_prompts: 1200,
+            k: 4,
+            response_length: 16,
+            rm_steps: 150,
+            ppo_episodes: 1600,
+            dpo_steps: 150,
+            eval_prompts: 300,
+            sft_lr: 1e-3,
+            rl_lr: 3e-4,
+            dpo_lr: 3e-4,
+        }
+    }
+}
+
+fn write_jsonl(path: &Path, lines: &[Value]) -> Result<()> {
+    let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
+    crate::io::write_atomic(path, text.as_bytes())
+}
+
+fn quote(p: &Path) -> String {
+    format!("\"{}\"", p.display())
+}
+
+/// Runs one stage as its command would, printing the equivalent command line.
+fn stage(name: &str, what: &str, sets: Vec<String>, f: fn(&RunArgs) -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    let shown: String = sets.iter().map(|s| format!(" --set '{s}'")).collect();
+    eprintln!("\n== {what}\n   rlhf {name}{shown}");
+    f(&RunArgs {
+        config: None,
+        sets,
+        resume: false,
+    })
+    .with_context(|| format!("quickstart stage `{name}`"))?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Sentences split into training and held-out parts, and prompts (their first 2–4 words).
+struct Data {
+    train: Vec<String>,
+    heldout: Vec<String>,
+}
+
+fn prompt_of(sentence: &str, rng: &mut rand_chacha::ChaCha8Rng) -> Option<String> {
+    use rand::Rng;
+    let words: Vec<&str> = sentence.split_whitespace().collect();
+    (words.len() >= 5).then(|| words[..rng.random_range(2..=4)].join(" "))
+}
+
+fn split_data(seed: u64) -> Data {
+    let mut all: Vec<String> = REVIEWS.lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+    all.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let heldout = all.split_off(all.len() * 9 / 10);
+    Data { train: all, heldout }
+}
+
+/// A byte-level BPE tokenizer trained on the sentences, saved as tokenizer.json with a
+/// tokenizer_config.json (`<|endoftext|>` is BOS, EOS and padding).
+fn train_tokenizer(sentences: &[String], vocab: usize, dir: &Path) -> Result<()> {
+    use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::{AddedToken, TokenizerBuilder};
+    let byte_level = ByteLevel::new(false, true, true);
+    let mut tok = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(byte_level))
+        .with_post_processor(Some(byte_level))
+        .with_decoder(Some(byte_level))
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the tokenizer: {e}"))?;
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab)
+        .min_frequency(2)
+        .show_progress(false)
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .special_tokens(vec![AddedToken::from("<|endoftext|>", true)])
+        .build();
+    tok.train(&mut trainer, sentences.iter())
+        .map_err(|e| anyhow::anyhow!("tokenizer training failed: {e}"))?;
+    let tok: tokenizers::Tokenizer = tok.into();
+    tok.save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", dir.display()))?;
+    crate::io::write_json(
+        &dir.join("tokenizer_config.json"),
+        &json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "pad_token": "<|endoftext|>",
+            "model_max_length": 128,
+        }),
+    )
+}
+
+/// A tiny Llama-family model with random weights and the trained tokenizer.
+fn tiny_base(data: &Data, dir: &Path, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    train_tokenizer(&data.train, 1024, dir)?;
+    let tok = crate::tokenize::Tokenizer::from_hf_dir(dir)?;
+    let eos = tok.token_id("<|endoftext|>").context("tokenizer lacks <|endoftext|>")?;
+    let cfg = crate::model::config::ModelConfig::from_json(json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": tok.vocab_size(),
+        "max_position_embeddings": 128,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+        "tie_word_embeddings": true,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "torch_dtype": "float32"
+    }))?;
+    let weights = crate::model::init::random_weights(&cfg, seed)?;
+    let model = crate::model::CausalLm::from_weights(cfg, weights, false)?;
+    crate::checkpoint::save_model_files(&model, dir)
+}
+
+pub fn run(args: &QuickstartArgs) -> Result<()> {
+    let start = Instant::now();
+    let out = crate::io::expand_tilde(&args.out.to_string_lossy());
+    let out = PathBuf::from(out);
+    if out.join("report").join("report.md").exists() {
+        bail!("{} already holds a finished quickstart; choose another --out", out.display());
+    }
+    if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
+        bail!("{} is not empty; choose another --out or remove it", out.display());
+    }
+    let data_dir = out.join("data");
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let plan = Plan::new(args.model.is_some(), args.smoke);
+    let data = split_data(args.seed);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed + 1);
+    let train_prompts: Vec<String> = data.train.iter().filter_map(|s| prompt_of(s, &mut rng)).collect();
+    let eval_prompts: Vec<String> = data.heldout.iter().filter_map(|s| prompt_of(s, &mut rng)).collect();
+    let file = |name: &str, lines: Vec<Value>| -> Result<PathBuf> {
+        let p = data_dir.join(name);
+        write_jsonl(&p, &lines)?;
+        Ok(p)
+    };
+    let pretrain_file = file("pretrain.jsonl", data.train.iter().map(|t| json!({"text": t})).collect())?;
+    let heldout_file = file("heldout.jsonl", data.heldout.iter().map(|t| json!({"text": t})).collect())?;
+    // SFT: complete a sentence from its first words.
+    let sft_file = file(
+        "sft.jsonl",
+        data.train
+            .iter()
+            .filter_map(|s| {
+                let w: Vec<&str> = s.split_whitespace().collect();
+                (w.len() >= 5).then(|| json!({"prompt": w[..3].join(" "), "completion": format!(" {}", w[3..].join(" "))}))
+            })
+            .collect(),
+    )?;
+    let prompt_file = file("prompts-train.jsonl", train_prompts.iter().map(|p| json!({"prompt": p})).collect())?;
+    let eval_prompt_file = file(
+        "prompts-eval.jsonl",
+        eval_prompts.iter().take(plan.eval_prompts).map(|p| json!({"prompt": p})).collect(),
+    )?;
+    let mut times: Vec<(&str, f64)> = vec![];
+
+    let sft_start = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let t = Instant::now();
+            let base = out.join("base");
+            eprintln!("== tiny model: byte-level BPE (1024 tokens) trained on {} sentences, Llama-family 4 layers × 128 (random init)", data.train.len());
+            tiny_base(&data, &base, args.seed)?;
+            times.push(("tokenizer + init", t.elapsed().as_secs_f64()));
+            let secs = stage(
+                "sft",
+                "pretraining: language modelling on the bundled review sentences",
+                vec![
+                    format!("model={}", quote(&base)),
+                    format!("train_file={}", quote(&pretrain_file)),
+                    format!("eval_file={}", quote(&heldout_file)),
+                    format!("output_dir={}", quote(&out.join("pretrain"))),
+                    format!("max_steps={}", plan.pretrain_steps),
+                    "per_device_train_batch_size=32".into(),
+                    "per_device_eval_batch_size=64".into(),
+                    "learning_rate=3e-3".into(),
+                    "lr_scheduler_type=\"cosine\"".into(),
+                    "warmup_steps=30".into(),
+                    "max_length=64".into(),
+                    "weight_decay=0.01".into(),
+                    format!("eval_steps={}", plan.pretrain_steps),
+                    "logging_steps=50".into(),
+                    "save_steps=0".into(),
+                    format!("seed={}", args.seed),
+                ],
+                super::sft::run,
+            )?;
+            times.push(("pretraining", secs));
+            out.join("pretrain").to_string_lossy().to_string()
+        }
+    };
+    let sft = out.join("sft");
+    times.push((
+        "SFT",
+        stage(
+            "sft",
+            "SFT: complete a review from its first three words",
+            vec![
+                format!("model=\"{sft_start}\""),
+                format!("train_file={}", quote(&sft_file)),
+                format!("output_dir={}", quote(&sft)),
+                format!("max_steps={}", plan.sft_steps),
+                "per_device_train_batch_size=16".into(),
+                format!("learning_rate={}", plan.sft_lr),
+                "max_length=64".into(),
+                "logging_steps=20".into(),
+                "save_steps=0".into(),
+                format!("seed={}", args.seed),
+            ],
+            super::sft::run,
+        )?,
+    ));
+
+    eprintln!("\n== preferences: sample the SFT model, rank with the judge (VADER compound sentiment)");
+    let t = Instant::now();
+    let ranking_prompts: Vec<String> = train_prompts.iter().take(plan.ranking_prompts).cloned().collect();
+    let (rankings_file, pairs_file) = (data_dir.join("rankings.jsonl"), data_dir.join("pairs.jsonl"));
+    let made = super::preferences::rank_samples(
+        &sft.to_string_lossy(),
+        &ranking_prompts,
+        &mut VaderReward::new(),
+        plan.k,
+        plan.response_length,
+        args.seed,
+        &rankings_file,
+        &pairs_file,
+    )?;
+    if made < 8 {
+        bail!("only {made} prompts had samples the judge could rank");
+    }
+    times.push(("sampling + judging", t.elapsed().as_secs_f64()));
+
+    let rm = out.join("rm");
+    times.push((
+        "reward model",
+        stage(
+            "rm",
+            &format!("reward model: K={} rankings, all C(K,2) pairs of a prompt in one batch element", plan.k),
+            vec![
+                format!("model={}", quote(&sft)),
+                format!("train_file={}", quote(&rankings_file)),
+                "eval_split=0.1".into(),
+                format!("output_dir={}", quote(&rm)),
+                format!("max_steps={}", plan.rm_steps),
+                "per_device_train_batch_size=8".into(),
+                format!("learning_rate={}", plan.rl_lr),
+                format!("eval_steps={}", plan.rm_steps),
+                "logging_steps=25".into(),
+                "save_steps=0".into(),
+                format!("seed={}", args.seed),
+            ],
+            super::rm::run,
+        )?,
+    ));
+
+    let ppo = out.join("ppo");
+    times.push((
+        "PPO",
+        stage(
+            "ppo",
+            "PPO against the reward model, per-token KL penalty to the SFT model",
+            vec![
+                format!("model={}", quote(&sft)),
+                format!("reward={}", quote(&rm)),
+                format!("prompt_file={}", quote(&prompt_file)),
+                format!("output_dir={}", quote(&ppo)),
+                format!("total_episodes={}", plan.ppo_episodes),
+                format!("response_length={}", plan.response_length),
+                "kl_coef=0.1".into(),
+                "num_ppo_epochs=2".into(),
+                "per_device_train_batch_size=16".into(),
+                format!("learning_rate={}", plan.rl_lr),
+                "lr_scheduler_type=\"constant\"".into(),
+                "save_steps=0".into(),
+                "sample_every=20".into(),
+                format!("seed={}", args.seed),
+            ],
+            super::ppo::run,
+        )?,
+    ));
+
+    let dpo = out.join("dpo");
+    times.push((
+        "DPO",
+        stage(
+            "dpo",
+            "DPO on the same preferences (best vs worst of each ranking)",
+            vec![
+                format!("model={}", quote(&sft)),
+                format!("train_file={}", quote(&pairs_file)),
+                format!("output_dir={}", quote(&dpo)),
+                format!("ref_cache_dir={}", quote(&out.join("ref-cache"))),
+                "beta=0.1".into(),
+                format!("max_steps={}", plan.dpo_steps),
+                "per_device_train_batch_size=8".into(),
+                format!("learning_rate={}", plan.dpo_lr),
+                "logging_steps=25".into(),
+                "save_steps=0".into(),
+                format!("seed={}", args.seed),
+            ],
+            super::dpo::run,
+        )?,
+    ));
+
+    eprintln!("\n== evaluation on held-out prompts, judged by VADER");
+    let t = Instant::now();
+    let report = run_eval(&EvalConfig {
+        policies: vec![
+            format!("sft={}", sft.display()),
+            format!("ppo={}", ppo.display()),
+            format!("dpo={}", dpo.display()),
+        ],
+        judge: "vader".into(),
+        prompt_file: eval_prompt_file.to_string_lossy().to_string(),
+        response_length: plan.response_length,
+        text_file: heldout_file.to_string_lossy().to_string(),
+        output_dir: out.join("report").to_string_lossy().to_string(),
+        seed: args.seed + 7,
+        ..Default::default()
+    })?;
+    times.push(("evaluation", t.elapsed().as_secs_f64()));
+    let total = start.elapsed().as_secs_f64();
+    println!("\n{}", table(&report));
+    let timing: Vec<String> = times.iter().map(|(n, s)| format!("{n} {s:.0}s")).collect();
+    println!("time: {} — total {:.1} min", timing.join(", "), total / 60.0);
+    println!("report: {}", out.join("report").join("report.md").display());
+    Ok(())
+}

@@ -1,0 +1,385 @@
+//! Did alignment work? Samples from one or more policies on a prompt set, scored by a judge:
+//! mean reward, win rate against a baseline (95% Wilson interval), sequence-level KL(π‖π_ref),
+//! response length, and the alignment-tax stand-ins (held-out perplexity, last-word cloze).
+//! Writes report.md, results.json, samples.jsonl and SVG charts.
+
+pub mod plot;
+pub mod stats;
+pub mod text;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Instant;
+
+use crate::checkpoint::Checkpoint;
+use crate::data::prompts::read_prompts;
+use crate::data::sft::{prepare, SftDataConfig};
+use crate::generate::{generate, SamplingConfig};
+use crate::reward::Episode;
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// "name=path" or "path" (named after the directory).
+    pub policies: Vec<String>,
+    pub baseline: String,
+    pub reference: String,
+    pub judge: String,
+    pub prompt_file: String,
+    pub max_prompts: usize,
+    pub chat: bool,
+    pub max_prompt_length: usize,
+    pub response_length: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub text_file: String,
+    pub max_texts: usize,
+    pub cloze_min_words: usize,
+    pub batch_size: usize,
+    pub output_dir: String,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            policies: vec![],
+            baseline: String::new(),
+            reference: String::new(),
+            judge: String::new(),
+            prompt_file: String::new(),
+            max_prompts: 0,
+            chat: false,
+            max_prompt_length: 128,
+            response_length: 48,
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 0,
+            text_file: String::new(),
+            max_texts: 200,
+            cloze_min_words: 6,
+            batch_size: 16,
+            output_dir: "eval-out".into(),
+        }
+    }
+}
+
+pub const EVAL_KEYS: &[crate::config::KeyDoc] = &[
+    crate::config::KeyDoc { key: "policies", default: "(required)", help: "list of \"name=path\" (or paths) to sample from" },
+    crate::config::KeyDoc { key: "baseline", default: "first policy", help: "name of the policy the others' win rates are against" },
+    crate::config::KeyDoc { key: "reference", default: "baseline's path", help: "π_ref of the KL estimate" },
+    crate::config::KeyDoc { key: "judge", default: "(required)", help: "reward-model dir, \"vader\", or \"rule:…\"" },
+    crate::config::KeyDoc { key: "prompt_file", default: "(required)", help: "prompts {\"prompt\": text or messages}" },
+    crate::config::KeyDoc { key: "max_prompts", default: "0", help: "use the first N prompts (0: all)" },
+    crate::config::KeyDoc { key: "chat", default: "false", help: "wrap string prompts in the chat template" },
+    crate::config::KeyDoc { key: "max_prompt_length", default: "128", help: "longer prompts keep their last tokens" },
+    crate::config::KeyDoc { key: "response_length", default: "48", help: "max new tokens per response" },
+    crate::config::KeyDoc { key: "temperature", default: "1.0", help: "sampling temperature (the KL estimate assumes 1)" },
+    crate::config::KeyDoc { key: "top_p", default: "1.0", help: "nucleus filter" },
+    crate::config::KeyDoc { key: "seed", default: "0", help: "sampling seed (the same for every policy)" },
+    crate::config::KeyDoc { key: "text_file", default: "\"\"", help: "held-out text ({\"text\"} JSONL or .txt) for perplexity and cloze accuracy" },
+    crate::config::KeyDoc { key: "max_texts", default: "200", help: "texts used from text_file" },
+    crate::config::KeyDoc { key: "cloze_min_words", default: "6", help: "sentences shorter than this are not cloze items" },
+    crate::config::KeyDoc { key: "batch_size", default: "16", help: "sequences per forward pass" },
+    crate::config::KeyDoc { key: "output_dir", default: "\"eval-out\"", help: "where report.md, results.json, samples.jsonl and the SVG charts go" },
+];
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyResult {
+    pub name: String,
+    pub path: String,
+    pub mean_reward: f64,
+    pub reward_sem: f64,
+    pub win_rate: f64,
+    pub win_low: f64,
+    pub win_high: f64,
+    pub kl: f64,
+    pub response_length: f64,
+    pub perplexity: Option<f64>,
+    pub cloze_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+pub struct EvalReport {
+    pub baseline: String,
+    pub judge: String,
+    pub prompts: usize,
+    pub cloze_items: usize,
+    pub results: Vec<PolicyResult>,
+}
+
+fn split_policy(spec: &str) -> (String, String) {
+    match spec.split_once('=') {
+        Some((n, p)) if !n.is_empty() && !n.contains('/') => (n.to_string(), p.to_string()),
+        _ => {
+            let p = spec.trim_end_matches('/');
+            let name = Path::new(p)
+                .file_name()
+                .map_or(p.to_string(), |n| n.to_string_lossy().to_string());
+            (name, spec.to_string())
+        }
+    }
+}
+
+fn read_texts(path: &str, limit: usize) -> Result<Vec<String>> {
+    let texts: Vec<String> = if path.ends_with(".txt") {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {path}"))?
+            .split("\n\n")
+            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(|p| !p.is_empty())
+            .collect()
+    } else {
+        crate::data::read_records(Path::new(path))?
+            .into_iter()
+            .map(|(line, r)| {
+                r.get("text")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .with_context(|| format!("{path}:{line}: expected {{\"text\"}}"))
+            })
+            .collect::<Result<_>>()?
+    };
+    Ok(texts.into_iter().take(limit.max(1)).collect())
+}
+
+pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
+    if cfg.policies.is_empty() || cfg.judge.is_empty() || cfg.prompt_file.is_empty() {
+        bail!("`policies`, `judge` and `prompt_file` are required");
+    }
+    let policies: Vec<(String, String)> = cfg.policies.iter().map(|s| split_policy(s)).collect();
+    let baseline = if cfg.baseline.is_empty() {
+        policies[0].0.clone()
+    } else {
+        cfg.baseline.clone()
+    };
+    let Some(base_index) = policies.iter().position(|(n, _)| *n == baseline) else {
+        bail!("baseline `{baseline}` is not one of the policies");
+    };
+    let reference_path = if cfg.reference.is_empty() {
+        policies[base_index].1.clone()
+    } else {
+        cfg.reference.clone()
+    };
+    let reference = Checkpoint::load(&reference_path, false)?;
+    let tok = reference.tokenizer()?;
+    let (mut prompts, _) = read_prompts(&cfg.prompt_file, tok, cfg.chat, cfg.max_prompt_length)?;
+    if cfg.max_prompts > 0 {
+        prompts.truncate(cfg.max_prompts);
+    }
+    let mut judge = crate::reward::from_spec(&cfg.judge, tok, cfg.batch_size)?;
+    let texts = if cfg.text_file.is_empty() {
+        vec![]
+    } else {
+        read_texts(&cfg.text_file, cfg.max_texts)?
+    };
+    let text_examples = if texts.is_empty() {
+        vec![]
+    } else {
+        let records: Vec<(usize, Value)> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i + 1, json!({ "text": t })))
+            .collect();
+        let max_length = reference.model.config.max_position_embeddings.min(512);
+        prepare(&records, &cfg.text_file, tok, &SftDataConfig { max_length, ..Default::default() })?.0
+    };
+    let cloze = text::cloze_items(&texts, tok, cfg.cloze_min_words)?;
+    let stop_ids = reference.stop_token_ids();
+    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+
+    let mut all_scores: Vec<Vec<f32>> = vec![];
+    let mut results = vec![];
+    let mut sample_lines: Vec<Value> = prompts.iter().map(|p| json!({"prompt": p.text})).collect();
+    for (name, path) in &policies {
+        let t = Instant::now();
+        let ck = Checkpoint::load(path, false)?;
+        if ck.model.config.vocab_size != reference.model.config.vocab_size {
+            bail!("{path}: its vocabulary differs from the reference's ({reference_path})");
+        }
+        let sampling = SamplingConfig {
+            max_new_tokens: cfg.response_length,
+            temperature: cfg.temperature,
+            top_k: 0,
+            top_p: cfg.top_p,
+            stop_ids: stop_ids.clone(),
+            seed: cfg.seed,
+        };
+        let mut samples = Vec::with_capacity(prompt_ids.len());
+        for chunk in prompt_ids.chunks(cfg.batch_size.max(1) * 4) {
+            samples.extend(generate(&ck.model, chunk, &sampling)?);
+        }
+        let bodies: Vec<&[u32]> = samples
+            .iter()
+            .map(|s| &s.tokens[..s.tokens.len() - usize::from(s.stopped)])
+            .collect();
+        let texts_out: Vec<String> = bodies.iter().map(|b| tok.decode(b, true)).collect::<Result<_>>()?;
+        let episodes: Vec<Episode> = samples
+            .iter()
+            .zip(&prompts)
+            .zip(bodies.iter().zip(&texts_out))
+            .map(|((s, p), (b, t))| Episode {
+                prompt_ids: &s.prompt,
+                response_ids: b,
+                prompt_text: &p.text,
+                response_text: t,
+            })
+            .collect();
+        let scores = judge.score(&episodes)?;
+        if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
+            bail!("the judge returned {} for a response of {name}: {:?}", scores[i], texts_out[i]);
+        }
+        // Reference log-probs of exactly the sampled tokens.
+        let mut ref_lps = Vec::with_capacity(samples.len());
+        for chunk in samples.chunks(cfg.batch_size.max(1)) {
+            let seqs: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
+                .collect();
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let starts: Vec<usize> = chunk.iter().map(|s| s.prompt.len()).collect();
+            let (lp, _, _) = reference.model.completion_logprobs(&refs, &starts, crate::ops::default_path())?;
+            let rows = lp.to_vec2::<f32>()?;
+            for ((r, s), st) in rows.into_iter().zip(&seqs).zip(&starts) {
+                ref_lps.push(r[st - 1..s.len() - 1].to_vec());
+            }
+        }
+        let pol_lps: Vec<Vec<f32>> = samples.iter().map(|s| s.model_logprobs.clone()).collect();
+        let kl = stats::sequence_kl(&pol_lps, &ref_lps);
+        let (mean_reward, reward_sem) = stats::mean_sem(&scores);
+        let perplexity = if text_examples.is_empty() {
+            None
+        } else {
+            Some(text::perplexity(&ck.model, &text_examples, cfg.batch_size)?)
+        };
+        let cloze_accuracy = if cloze.is_empty() {
+            None
+        } else {
+            Some(text::cloze_accuracy(&ck.model, &cloze, cfg.batch_size)?)
+        };
+        for (line, (t, s)) in sample_lines.iter_mut().zip(texts_out.iter().zip(&scores)) {
+            line[name.as_str()] = json!({"response": t, "score": s});
+        }
+        results.push(PolicyResult {
+            name: name.clone(),
+            path: path.clone(),
+            mean_reward,
+            reward_sem,
+            win_rate: f64::NAN,
+            win_low: f64::NAN,
+            win_high: f64::NAN,
+            kl,
+            response_length: samples.iter().map(|s| s.tokens.len() as f64).sum::<f64>() / samples.len().max(1) as f64,
+            perplexity,
+            cloze_accuracy,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+        all_scores.push(scores);
+        eprintln!(
+            "{name}: reward {mean_reward:.4} ± {reward_sem:.4}, KL {kl:.3}, {:.1}s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    for (r, s) in results.iter_mut().zip(&all_scores) {
+        let (w, lo, hi) = stats::win_rate(s, &all_scores[base_index]);
+        (r.win_rate, r.win_low, r.win_high) = (w, lo, hi);
+    }
+    let report = EvalReport {
+        baseline,
+        judge: judge.describe(),
+        prompts: prompts.len(),
+        cloze_items: cloze.len(),
+        results,
+    };
+    let out = Path::new(&cfg.output_dir);
+    write_report(&report, cfg, out)?;
+    let samples_text: String = sample_lines.iter().map(|l| l.to_string() + "\n").collect();
+    crate::io::write_atomic(&out.join("samples.jsonl"), samples_text.as_bytes())?;
+    Ok(report)
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |x| format!("{x:.digits$}"))
+}
+
+/// The Markdown table of a report.
+pub fn table(report: &EvalReport) -> String {
+    let mut s = format!(
+        "| policy | reward (± s.e.) | win rate vs {} [95% CI] | KL(π‖π_ref) nats | response tokens | perplexity | cloze acc. |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        report.baseline
+    );
+    for r in &report.results {
+        s.push_str(&format!(
+            "| {} | {:.4} ± {:.4} | {:.3} [{:.3}, {:.3}] | {:.3} | {:.1} | {} | {} |\n",
+            r.name,
+            r.mean_reward,
+            r.reward_sem,
+            r.win_rate,
+            r.win_low,
+            r.win_high,
+            r.kl,
+            r.response_length,
+            opt(r.perplexity, 2),
+            opt(r.cloze_accuracy, 3)
+        ));
+    }
+    s
+}
+
+fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let md = format!(
+        "# Evaluation\n\nJudge: {}. {} prompts from `{}`, one sample each (temperature {}, up to {} new tokens, seed {}). \
+         Win rate: share of prompts where the policy's response scores higher than {}'s (ties ½), with the Wilson 95% interval. \
+         KL: mean over the policy's own samples of Σ_t log π − log π_ref (π_ref = `{}`), in nats per response.{}\n\n{}\n![reward vs KL](reward_vs_kl.svg)\n![win rate](win_rate.svg)\n",
+        report.judge,
+        report.prompts,
+        cfg.prompt_file,
+        cfg.temperature,
+        cfg.response_length,
+        cfg.seed,
+        report.baseline,
+        if cfg.reference.is_empty() { &report.baseline } else { &cfg.reference },
+        if cfg.text_file.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " Perplexity on {} held-out texts and last-word cloze accuracy on {} sentences of `{}`.",
+                cfg.max_texts, report.cloze_items, cfg.text_file
+            )
+        },
+        table(report)
+    );
+    crate::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    crate::io::write_atomic(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(&json!({
+            "baseline": report.baseline,
+            "judge": report.judge,
+            "prompts": report.prompts,
+            "results": report.results,
+        }))?
+        .as_bytes(),
+    )?;
+    let points: Vec<(String, String, f64, f64)> = report
+        .results
+        .iter()
+        .map(|r| (r.name.clone(), r.name.clone(), r.kl, r.mean_reward))
+        .collect();
+    crate::io::write_atomic(
+        &out.join("reward_vs_kl.svg"),
+        plot::scatter("Reward vs KL to the reference", "KL(π‖π_ref), nats per response", "mean reward (judge)", &points).as_bytes(),
+    )?;
+    let bars: Vec<(String, f64, f64, f64)> = report
+        .results
+        .iter()
+        .map(|r| (r.name.clone(), r.win_rate, r.win_low, r.win_high))
+        .collect();
+    crate::io::write_atomic(
+        &out.join("win_rate.svg"),
+        plot::bars(&format!("Win rate vs {} (95% Wilson interval)", report.baseline), "win rate", &bars, Some(0.5)).as_bytes(),
+    )?;
+    Ok(())
+}
