@@ -309,7 +309,11 @@ fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
             "sample_every=5".into(),
         ];
         let mut a: Vec<String> = vec!["ppo".into(), "--resume".into()];
-        for s in sets.iter().map(String::as_str).chain(settings.iter().copied()) {
+        for s in sets
+            .iter()
+            .map(String::as_str)
+            .chain(settings.iter().copied())
+        {
             a.push("--set".into());
             a.push(s.into());
         }

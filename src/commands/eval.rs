@@ -13,12 +13,20 @@ pub fn help_text() -> String {
 pub fn run(args: &RunArgs) -> Result<()> {
     let (table_, origin) = settings_table(args, &[EVAL_KEYS])?;
     let mut cfg: EvalConfig = extract(&table_, EVAL_KEYS, &origin)?;
-    for p in [&mut cfg.prompt_file, &mut cfg.text_file, &mut cfg.output_dir, &mut cfg.reference] {
+    for p in [
+        &mut cfg.prompt_file,
+        &mut cfg.text_file,
+        &mut cfg.output_dir,
+        &mut cfg.reference,
+    ] {
         *p = crate::io::expand_tilde(p);
     }
     let out = std::path::Path::new(&cfg.output_dir);
     if out.join("report.md").exists() {
-        anyhow::bail!("{} already holds a report; choose another output_dir", out.display());
+        anyhow::bail!(
+            "{} already holds a report; choose another output_dir",
+            out.display()
+        );
     }
     let report = run_eval(&cfg).map_err(|e| e.context(origin.clone()))?;
     println!("{}", table(&report));

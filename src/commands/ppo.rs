@@ -8,9 +8,9 @@ use std::path::Path;
 
 use super::{check_train_config, fingerprint, settings_table, RunArgs};
 use crate::algos::ppo_trainer::{run_ppo, PpoConfig, PpoModels};
-use crate::data::prompts::read_prompts;
 use crate::checkpoint::{save_final, Checkpoint};
 use crate::config::{describe, extract, KeyDoc};
+use crate::data::prompts::read_prompts;
 use crate::data::sft::{prepare, Example, SftDataConfig};
 use crate::model::scalar_head::ScalarHead;
 use crate::tokenize::Tokenizer;

@@ -56,7 +56,10 @@ pub fn rank_samples(
     let t = Instant::now();
     let ck = Checkpoint::load(model, false)?;
     let tok = ck.tokenizer()?;
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p, true)).collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p, true))
+        .collect::<Result<_>>()?;
     let mut draws = vec![];
     for i in 0..k {
         let cfg = SamplingConfig {
@@ -74,9 +77,15 @@ pub fn rank_samples(
             .iter()
             .map(|d| &d[n].tokens[..d[n].tokens.len() - usize::from(d[n].stopped)])
             .collect();
-        let texts: Vec<String> = bodies.iter().map(|b| tok.decode(b, true)).collect::<Result<_>>()?;
+        let texts: Vec<String> = bodies
+            .iter()
+            .map(|b| tok.decode(b, true))
+            .collect::<Result<_>>()?;
         if texts.iter().any(|t| t.trim().is_empty())
-            || texts.iter().enumerate().any(|(a, x)| texts[..a].contains(x))
+            || texts
+                .iter()
+                .enumerate()
+                .any(|(a, x)| texts[..a].contains(x))
         {
             continue;
         }
@@ -101,9 +110,14 @@ pub fn rank_samples(
             continue;
         }
         kept += 1;
-        rankings.push_str(&json!({"prompt": p, "completions": texts, "ranking": order, "scores": scores}).to_string());
+        rankings.push_str(
+            &json!({"prompt": p, "completions": texts, "ranking": order, "scores": scores})
+                .to_string(),
+        );
         rankings.push('\n');
-        pairs.push_str(&json!({"prompt": p, "chosen": texts[best], "rejected": texts[worst]}).to_string());
+        pairs.push_str(
+            &json!({"prompt": p, "chosen": texts[best], "rejected": texts[worst]}).to_string(),
+        );
         pairs.push('\n');
     }
     crate::io::write_atomic(rankings_out, rankings.as_bytes())?;
@@ -125,10 +139,20 @@ pub fn run(args: &PreferencesArgs) -> Result<()> {
     }
     let ck = Checkpoint::load(&args.model, false)?;
     let tok = ck.tokenizer()?;
-    let (prompts, _) = crate::data::prompts::read_prompts(&args.prompts.to_string_lossy(), tok, false, 512)?;
+    let (prompts, _) =
+        crate::data::prompts::read_prompts(&args.prompts.to_string_lossy(), tok, false, 512)?;
     let texts: Vec<String> = prompts.into_iter().map(|p| p.text).collect();
     let mut judge = crate::reward::from_spec(&args.judge, tok, 16)?;
     drop(ck);
-    rank_samples(&args.model, &texts, judge.as_mut(), args.k, args.max_new_tokens, args.seed, &args.rankings, &args.pairs)?;
+    rank_samples(
+        &args.model,
+        &texts,
+        judge.as_mut(),
+        args.k,
+        args.max_new_tokens,
+        args.seed,
+        &args.rankings,
+        &args.pairs,
+    )?;
     Ok(())
 }

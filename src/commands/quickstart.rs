@@ -89,7 +89,7 @@ impl Plan {
             ranking_prompts: 1200,
             k: 4,
             response_length: 16,
-            rm_steps: 150,
+            rm_steps: 300,
             ppo_episodes: 1600,
             dpo_steps: 150,
             eval_prompts: 300,
@@ -136,10 +136,17 @@ fn prompt_of(sentence: &str, rng: &mut rand_chacha::ChaCha8Rng) -> Option<String
 }
 
 fn split_data(seed: u64) -> Data {
-    let mut all: Vec<String> = REVIEWS.lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+    let mut all: Vec<String> = REVIEWS
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect();
     all.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
     let heldout = all.split_off(all.len() * 9 / 10);
-    Data { train: all, heldout }
+    Data {
+        train: all,
+        heldout,
+    }
 }
 
 /// A byte-level BPE tokenizer trained on the sentences, saved as tokenizer.json with a
@@ -149,13 +156,19 @@ fn train_tokenizer(sentences: &[String], vocab: usize, dir: &Path) -> Result<()>
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::{AddedToken, TokenizerBuilder};
     let byte_level = ByteLevel::new(false, true, true);
-    let mut tok = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(|e| anyhow::anyhow!("cannot build the tokenizer: {e}"))?;
+    let mut tok = TokenizerBuilder::<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        ByteLevel,
+        ByteLevel,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(byte_level))
+    .with_post_processor(Some(byte_level))
+    .with_decoder(Some(byte_level))
+    .build()
+    .map_err(|e| anyhow::anyhow!("cannot build the tokenizer: {e}"))?;
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab)
         .min_frequency(2)
@@ -185,7 +198,9 @@ fn tiny_base(data: &Data, dir: &Path, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     train_tokenizer(&data.train, 1024, dir)?;
     let tok = crate::tokenize::Tokenizer::from_hf_dir(dir)?;
-    let eos = tok.token_id("<|endoftext|>").context("tokenizer lacks <|endoftext|>")?;
+    let eos = tok
+        .token_id("<|endoftext|>")
+        .context("tokenizer lacks <|endoftext|>")?;
     let cfg = crate::model::config::ModelConfig::from_json(json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -215,25 +230,46 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
     let out = crate::io::expand_tilde(&args.out.to_string_lossy());
     let out = PathBuf::from(out);
     if out.join("report").join("report.md").exists() {
-        bail!("{} already holds a finished quickstart; choose another --out", out.display());
+        bail!(
+            "{} already holds a finished quickstart; choose another --out",
+            out.display()
+        );
     }
     if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
-        bail!("{} is not empty; choose another --out or remove it", out.display());
+        bail!(
+            "{} is not empty; choose another --out or remove it",
+            out.display()
+        );
     }
     let data_dir = out.join("data");
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let plan = Plan::new(args.model.is_some(), args.smoke);
     let data = split_data(args.seed);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed + 1);
-    let train_prompts: Vec<String> = data.train.iter().filter_map(|s| prompt_of(s, &mut rng)).collect();
-    let eval_prompts: Vec<String> = data.heldout.iter().filter_map(|s| prompt_of(s, &mut rng)).collect();
+    let train_prompts: Vec<String> = data
+        .train
+        .iter()
+        .filter_map(|s| prompt_of(s, &mut rng))
+        .collect();
+    let eval_prompts: Vec<String> = data
+        .heldout
+        .iter()
+        .filter_map(|s| prompt_of(s, &mut rng))
+        .collect();
     let file = |name: &str, lines: Vec<Value>| -> Result<PathBuf> {
         let p = data_dir.join(name);
         write_jsonl(&p, &lines)?;
         Ok(p)
     };
-    let pretrain_file = file("pretrain.jsonl", data.train.iter().map(|t| json!({"text": t})).collect())?;
-    let heldout_file = file("heldout.jsonl", data.heldout.iter().map(|t| json!({"text": t})).collect())?;
+    let pretrain_file = file(
+        "pretrain.jsonl",
+        data.train.iter().map(|t| json!({"text": t})).collect(),
+    )?;
+    let heldout_file = file(
+        "heldout.jsonl",
+        data.heldout.iter().map(|t| json!({"text": t})).collect(),
+    )?;
     // SFT: complete a sentence from its first words.
     let sft_file = file(
         "sft.jsonl",
@@ -245,10 +281,17 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
             })
             .collect(),
     )?;
-    let prompt_file = file("prompts-train.jsonl", train_prompts.iter().map(|p| json!({"prompt": p})).collect())?;
+    let prompt_file = file(
+        "prompts-train.jsonl",
+        train_prompts.iter().map(|p| json!({"prompt": p})).collect(),
+    )?;
     let eval_prompt_file = file(
         "prompts-eval.jsonl",
-        eval_prompts.iter().take(plan.eval_prompts).map(|p| json!({"prompt": p})).collect(),
+        eval_prompts
+            .iter()
+            .take(plan.eval_prompts)
+            .map(|p| json!({"prompt": p}))
+            .collect(),
     )?;
     let mut times: Vec<(&str, f64)> = vec![];
 
@@ -309,10 +352,19 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
         )?,
     ));
 
-    eprintln!("\n== preferences: sample the SFT model, rank with the judge (VADER compound sentiment)");
+    eprintln!(
+        "\n== preferences: sample the SFT model, rank with the judge (VADER compound sentiment)"
+    );
     let t = Instant::now();
-    let ranking_prompts: Vec<String> = train_prompts.iter().take(plan.ranking_prompts).cloned().collect();
-    let (rankings_file, pairs_file) = (data_dir.join("rankings.jsonl"), data_dir.join("pairs.jsonl"));
+    let ranking_prompts: Vec<String> = train_prompts
+        .iter()
+        .take(plan.ranking_prompts)
+        .cloned()
+        .collect();
+    let (rankings_file, pairs_file) = (
+        data_dir.join("rankings.jsonl"),
+        data_dir.join("pairs.jsonl"),
+    );
     let made = super::preferences::rank_samples(
         &sft.to_string_lossy(),
         &ranking_prompts,
@@ -333,7 +385,10 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
         "reward model",
         stage(
             "rm",
-            &format!("reward model: K={} rankings, all C(K,2) pairs of a prompt in one batch element", plan.k),
+            &format!(
+                "reward model: K={} rankings, all C(K,2) pairs of a prompt in one batch element",
+                plan.k
+            ),
             vec![
                 format!("model={}", quote(&sft)),
                 format!("train_file={}", quote(&rankings_file)),
@@ -341,7 +396,7 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                 format!("output_dir={}", quote(&rm)),
                 format!("max_steps={}", plan.rm_steps),
                 "per_device_train_batch_size=8".into(),
-                format!("learning_rate={}", plan.rl_lr),
+                format!("learning_rate={}", plan.sft_lr),
                 format!("eval_steps={}", plan.rm_steps),
                 "logging_steps=25".into(),
                 "save_steps=0".into(),
@@ -420,7 +475,11 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
     let total = start.elapsed().as_secs_f64();
     println!("\n{}", table(&report));
     let timing: Vec<String> = times.iter().map(|(n, s)| format!("{n} {s:.0}s")).collect();
-    println!("time: {} — total {:.1} min", timing.join(", "), total / 60.0);
+    println!(
+        "time: {} — total {:.1} min",
+        timing.join(", "),
+        total / 60.0
+    );
     println!("report: {}", out.join("report").join("report.md").display());
     Ok(())
 }

@@ -57,4 +57,3 @@ pub fn read_prompts(
     }
     Ok((out, truncated))
 }
-

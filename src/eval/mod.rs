@@ -67,23 +67,91 @@ impl Default for EvalConfig {
 }
 
 pub const EVAL_KEYS: &[crate::config::KeyDoc] = &[
-    crate::config::KeyDoc { key: "policies", default: "(required)", help: "list of \"name=path\" (or paths) to sample from" },
-    crate::config::KeyDoc { key: "baseline", default: "first policy", help: "name of the policy the others' win rates are against" },
-    crate::config::KeyDoc { key: "reference", default: "baseline's path", help: "π_ref of the KL estimate" },
-    crate::config::KeyDoc { key: "judge", default: "(required)", help: "reward-model dir, \"vader\", or \"rule:…\"" },
-    crate::config::KeyDoc { key: "prompt_file", default: "(required)", help: "prompts {\"prompt\": text or messages}" },
-    crate::config::KeyDoc { key: "max_prompts", default: "0", help: "use the first N prompts (0: all)" },
-    crate::config::KeyDoc { key: "chat", default: "false", help: "wrap string prompts in the chat template" },
-    crate::config::KeyDoc { key: "max_prompt_length", default: "128", help: "longer prompts keep their last tokens" },
-    crate::config::KeyDoc { key: "response_length", default: "48", help: "max new tokens per response" },
-    crate::config::KeyDoc { key: "temperature", default: "1.0", help: "sampling temperature (the KL estimate assumes 1)" },
-    crate::config::KeyDoc { key: "top_p", default: "1.0", help: "nucleus filter" },
-    crate::config::KeyDoc { key: "seed", default: "0", help: "sampling seed (the same for every policy)" },
-    crate::config::KeyDoc { key: "text_file", default: "\"\"", help: "held-out text ({\"text\"} JSONL or .txt) for perplexity and cloze accuracy" },
-    crate::config::KeyDoc { key: "max_texts", default: "200", help: "texts used from text_file" },
-    crate::config::KeyDoc { key: "cloze_min_words", default: "6", help: "sentences shorter than this are not cloze items" },
-    crate::config::KeyDoc { key: "batch_size", default: "16", help: "sequences per forward pass" },
-    crate::config::KeyDoc { key: "output_dir", default: "\"eval-out\"", help: "where report.md, results.json, samples.jsonl and the SVG charts go" },
+    crate::config::KeyDoc {
+        key: "policies",
+        default: "(required)",
+        help: "list of \"name=path\" (or paths) to sample from",
+    },
+    crate::config::KeyDoc {
+        key: "baseline",
+        default: "first policy",
+        help: "name of the policy the others' win rates are against",
+    },
+    crate::config::KeyDoc {
+        key: "reference",
+        default: "baseline's path",
+        help: "π_ref of the KL estimate",
+    },
+    crate::config::KeyDoc {
+        key: "judge",
+        default: "(required)",
+        help: "reward-model dir, \"vader\", or \"rule:…\"",
+    },
+    crate::config::KeyDoc {
+        key: "prompt_file",
+        default: "(required)",
+        help: "prompts {\"prompt\": text or messages}",
+    },
+    crate::config::KeyDoc {
+        key: "max_prompts",
+        default: "0",
+        help: "use the first N prompts (0: all)",
+    },
+    crate::config::KeyDoc {
+        key: "chat",
+        default: "false",
+        help: "wrap string prompts in the chat template",
+    },
+    crate::config::KeyDoc {
+        key: "max_prompt_length",
+        default: "128",
+        help: "longer prompts keep their last tokens",
+    },
+    crate::config::KeyDoc {
+        key: "response_length",
+        default: "48",
+        help: "max new tokens per response",
+    },
+    crate::config::KeyDoc {
+        key: "temperature",
+        default: "1.0",
+        help: "sampling temperature (the KL estimate assumes 1)",
+    },
+    crate::config::KeyDoc {
+        key: "top_p",
+        default: "1.0",
+        help: "nucleus filter",
+    },
+    crate::config::KeyDoc {
+        key: "seed",
+        default: "0",
+        help: "sampling seed (the same for every policy)",
+    },
+    crate::config::KeyDoc {
+        key: "text_file",
+        default: "\"\"",
+        help: "held-out text ({\"text\"} JSONL or .txt) for perplexity and cloze accuracy",
+    },
+    crate::config::KeyDoc {
+        key: "max_texts",
+        default: "200",
+        help: "texts used from text_file",
+    },
+    crate::config::KeyDoc {
+        key: "cloze_min_words",
+        default: "6",
+        help: "sentences shorter than this are not cloze items",
+    },
+    crate::config::KeyDoc {
+        key: "batch_size",
+        default: "16",
+        help: "sequences per forward pass",
+    },
+    crate::config::KeyDoc {
+        key: "output_dir",
+        default: "\"eval-out\"",
+        help: "where report.md, results.json, samples.jsonl and the SVG charts go",
+    },
 ];
 
 #[derive(Clone, Debug, Serialize)]
@@ -184,7 +252,16 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
             .map(|(i, t)| (i + 1, json!({ "text": t })))
             .collect();
         let max_length = reference.model.config.max_position_embeddings.min(512);
-        prepare(&records, &cfg.text_file, tok, &SftDataConfig { max_length, ..Default::default() })?.0
+        prepare(
+            &records,
+            &cfg.text_file,
+            tok,
+            &SftDataConfig {
+                max_length,
+                ..Default::default()
+            },
+        )?
+        .0
     };
     let cloze = text::cloze_items(&texts, tok, cfg.cloze_min_words)?;
     let stop_ids = reference.stop_token_ids();
@@ -215,7 +292,10 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
             .iter()
             .map(|s| &s.tokens[..s.tokens.len() - usize::from(s.stopped)])
             .collect();
-        let texts_out: Vec<String> = bodies.iter().map(|b| tok.decode(b, true)).collect::<Result<_>>()?;
+        let texts_out: Vec<String> = bodies
+            .iter()
+            .map(|b| tok.decode(b, true))
+            .collect::<Result<_>>()?;
         let episodes: Vec<Episode> = samples
             .iter()
             .zip(&prompts)
@@ -229,7 +309,11 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
             .collect();
         let scores = judge.score(&episodes)?;
         if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
-            bail!("the judge returned {} for a response of {name}: {:?}", scores[i], texts_out[i]);
+            bail!(
+                "the judge returned {} for a response of {name}: {:?}",
+                scores[i],
+                texts_out[i]
+            );
         }
         // Reference log-probs of exactly the sampled tokens.
         let mut ref_lps = Vec::with_capacity(samples.len());
@@ -240,7 +324,10 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
                 .collect();
             let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
             let starts: Vec<usize> = chunk.iter().map(|s| s.prompt.len()).collect();
-            let (lp, _, _) = reference.model.completion_logprobs(&refs, &starts, crate::ops::default_path())?;
+            let (lp, _, _) =
+                reference
+                    .model
+                    .completion_logprobs(&refs, &starts, crate::ops::default_path())?;
             let rows = lp.to_vec2::<f32>()?;
             for ((r, s), st) in rows.into_iter().zip(&seqs).zip(&starts) {
                 ref_lps.push(r[st - 1..s.len() - 1].to_vec());
@@ -271,7 +358,8 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
             win_low: f64::NAN,
             win_high: f64::NAN,
             kl,
-            response_length: samples.iter().map(|s| s.tokens.len() as f64).sum::<f64>() / samples.len().max(1) as f64,
+            response_length: samples.iter().map(|s| s.tokens.len() as f64).sum::<f64>()
+                / samples.len().max(1) as f64,
             perplexity,
             cloze_accuracy,
             seconds: t.elapsed().as_secs_f64(),
@@ -370,7 +458,13 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
         .collect();
     crate::io::write_atomic(
         &out.join("reward_vs_kl.svg"),
-        plot::scatter("Reward vs KL to the reference", "KL(π‖π_ref), nats per response", "mean reward (judge)", &points).as_bytes(),
+        plot::scatter(
+            "Reward vs KL to the reference",
+            "KL(π‖π_ref), nats per response",
+            "mean reward (judge)",
+            &points,
+        )
+        .as_bytes(),
     )?;
     let bars: Vec<(String, f64, f64, f64)> = report
         .results
@@ -379,7 +473,13 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
         .collect();
     crate::io::write_atomic(
         &out.join("win_rate.svg"),
-        plot::bars(&format!("Win rate vs {} (95% Wilson interval)", report.baseline), "win rate", &bars, Some(0.5)).as_bytes(),
+        plot::bars(
+            &format!("Win rate vs {} (95% Wilson interval)", report.baseline),
+            "win rate",
+            &bars,
+            Some(0.5),
+        )
+        .as_bytes(),
     )?;
     Ok(())
 }

@@ -9,10 +9,14 @@ const LEFT: f64 = 70.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 40.0;
 const BOTTOM: f64 = 60.0;
-const COLORS: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"];
+const COLORS: &[&str] = &[
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+];
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// "Nice" tick values covering [lo, hi].
@@ -66,20 +70,54 @@ impl Frame {
             svg,
             r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
         );
-        let _ = write!(svg, r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#, W / 2.0, escape(title));
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+            W / 2.0,
+            escape(title)
+        );
         for t in ticks(self.y.0, self.y.1) {
             let y = self.py(t);
-            let _ = write!(svg, r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##, W - RIGHT, LEFT - 6.0, y + 4.0, fmt(t));
+            let _ = write!(
+                svg,
+                r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+                W - RIGHT,
+                LEFT - 6.0,
+                y + 4.0,
+                fmt(t)
+            );
         }
         if xticks {
             for t in ticks(self.x.0, self.x.1) {
                 let x = self.px(t);
-                let _ = write!(svg, r##"<line x1="{x:.1}" x2="{x:.1}" y1="{TOP}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##, H - BOTTOM, H - BOTTOM + 16.0, fmt(t));
+                let _ = write!(
+                    svg,
+                    r##"<line x1="{x:.1}" x2="{x:.1}" y1="{TOP}" y2="{}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+                    H - BOTTOM,
+                    H - BOTTOM + 16.0,
+                    fmt(t)
+                );
             }
         }
-        let _ = write!(svg, r##"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="#333"/>"##, W - LEFT - RIGHT, H - TOP - BOTTOM);
-        let _ = write!(svg, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (LEFT + W - RIGHT) / 2.0, H - 16.0, escape(xlabel));
-        let _ = write!(svg, r#"<text transform="translate(18 {}) rotate(-90)" text-anchor="middle">{}</text>"#, (TOP + H - BOTTOM) / 2.0, escape(ylabel));
+        let _ = write!(
+            svg,
+            r##"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="#333"/>"##,
+            W - LEFT - RIGHT,
+            H - TOP - BOTTOM
+        );
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+            (LEFT + W - RIGHT) / 2.0,
+            H - 16.0,
+            escape(xlabel)
+        );
+        let _ = write!(
+            svg,
+            r#"<text transform="translate(18 {}) rotate(-90)" text-anchor="middle">{}</text>"#,
+            (TOP + H - BOTTOM) / 2.0,
+            escape(ylabel)
+        );
     }
 }
 
@@ -89,7 +127,12 @@ fn fmt(v: f64) -> String {
 }
 
 /// A scatter of labelled points; points sharing a `series` name share a colour and a legend entry.
-pub fn scatter(title: &str, xlabel: &str, ylabel: &str, points: &[(String, String, f64, f64)]) -> String {
+pub fn scatter(
+    title: &str,
+    xlabel: &str,
+    ylabel: &str,
+    points: &[(String, String, f64, f64)],
+) -> String {
     let f = Frame {
         x: padded_range(points.iter().map(|p| p.2)),
         y: padded_range(points.iter().map(|p| p.3)),
@@ -105,18 +148,37 @@ pub fn scatter(title: &str, xlabel: &str, ylabel: &str, points: &[(String, Strin
     for (s, label, x, y) in points {
         let c = COLORS[series.iter().position(|n| n == s).unwrap() % COLORS.len()];
         let (px, py) = (f.px(*x), f.py(*y));
-        let _ = write!(svg, r#"<circle cx="{px:.1}" cy="{py:.1}" r="5" fill="{c}"/><text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#, px + 7.0, py - 6.0, escape(label));
+        let _ = write!(
+            svg,
+            r#"<circle cx="{px:.1}" cy="{py:.1}" r="5" fill="{c}"/><text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+            px + 7.0,
+            py - 6.0,
+            escape(label)
+        );
     }
     for (i, s) in series.iter().enumerate() {
         let y = TOP + 14.0 + 16.0 * i as f64;
-        let _ = write!(svg, r#"<circle cx="{}" cy="{y}" r="5" fill="{}"/><text x="{}" y="{}">{}</text>"#, LEFT + 14.0, COLORS[i % COLORS.len()], LEFT + 24.0, y + 4.0, escape(s));
+        let _ = write!(
+            svg,
+            r#"<circle cx="{}" cy="{y}" r="5" fill="{}"/><text x="{}" y="{}">{}</text>"#,
+            LEFT + 14.0,
+            COLORS[i % COLORS.len()],
+            LEFT + 24.0,
+            y + 4.0,
+            escape(s)
+        );
     }
     svg.push_str("</svg>\n");
     svg
 }
 
 /// Bars with 95% intervals: (name, value, low, high).
-pub fn bars(title: &str, ylabel: &str, bars: &[(String, f64, f64, f64)], reference_line: Option<f64>) -> String {
+pub fn bars(
+    title: &str,
+    ylabel: &str,
+    bars: &[(String, f64, f64, f64)],
+    reference_line: Option<f64>,
+) -> String {
     let mut vals: Vec<f64> = bars.iter().flat_map(|b| [b.1, b.2, b.3]).collect();
     vals.push(0.0);
     if let Some(r) = reference_line {
@@ -133,16 +195,38 @@ pub fn bars(title: &str, ylabel: &str, bars: &[(String, f64, f64, f64)], referen
         let x0 = LEFT + slot * i as f64 + slot * 0.2;
         let (y0, yv) = (f.py(0.0), f.py(*v));
         let c = COLORS[i % COLORS.len()];
-        let _ = write!(svg, r#"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{c}"/>"#, yv.min(y0), slot * 0.6, (y0 - yv).abs());
+        let _ = write!(
+            svg,
+            r#"<rect x="{x0:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{c}"/>"#,
+            yv.min(y0),
+            slot * 0.6,
+            (y0 - yv).abs()
+        );
         let xm = x0 + slot * 0.3;
         if lo.is_finite() && hi.is_finite() {
-            let _ = write!(svg, r##"<line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000"/>"##, f.py(*lo), f.py(*hi));
+            let _ = write!(
+                svg,
+                r##"<line x1="{xm:.1}" x2="{xm:.1}" y1="{:.1}" y2="{:.1}" stroke="#000"/>"##,
+                f.py(*lo),
+                f.py(*hi)
+            );
         }
-        let _ = write!(svg, r#"<text x="{xm:.1}" y="{}" text-anchor="middle">{}</text><text x="{xm:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#, H - BOTTOM + 16.0, escape(name), yv.min(y0) - 4.0, fmt(*v));
+        let _ = write!(
+            svg,
+            r#"<text x="{xm:.1}" y="{}" text-anchor="middle">{}</text><text x="{xm:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
+            H - BOTTOM + 16.0,
+            escape(name),
+            yv.min(y0) - 4.0,
+            fmt(*v)
+        );
     }
     if let Some(r) = reference_line {
         let y = f.py(r);
-        let _ = write!(svg, r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#555" stroke-dasharray="4 3"/>"##, W - RIGHT);
+        let _ = write!(
+            svg,
+            r##"<line x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#555" stroke-dasharray="4 3"/>"##,
+            W - RIGHT
+        );
     }
     svg.push_str("</svg>\n");
     svg
@@ -162,7 +246,15 @@ mod tests {
 
     #[test]
     fn charts_are_svg_with_every_label() {
-        let s = scatter("t", "KL", "reward", &[("ppo".into(), "β=0.1".into(), 1.0, 0.5), ("dpo".into(), "a<b".into(), 2.0, 0.7)]);
+        let s = scatter(
+            "t",
+            "KL",
+            "reward",
+            &[
+                ("ppo".into(), "β=0.1".into(), 1.0, 0.5),
+                ("dpo".into(), "a<b".into(), 2.0, 0.7),
+            ],
+        );
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert!(s.contains("ppo") && s.contains("a&lt;b") && s.contains(">KL<"));
         let b = bars("w", "win rate", &[("ppo".into(), 0.7, 0.6, 0.8)], Some(0.5));

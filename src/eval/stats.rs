@@ -46,12 +46,7 @@ pub fn sequence_kl(policy_logps: &[Vec<f32>], reference_logps: &[Vec<f32>]) -> f
     policy_logps
         .iter()
         .zip(reference_logps)
-        .map(|(p, q)| {
-            p.iter()
-                .zip(q)
-                .map(|(a, b)| (a - b) as f64)
-                .sum::<f64>()
-        })
+        .map(|(p, q)| p.iter().zip(q).map(|(a, b)| (a - b) as f64).sum::<f64>())
         .sum::<f64>()
         / n as f64
 }
@@ -80,7 +75,10 @@ mod tests {
         assert_eq!(r, (1.0 + 0.5 + 0.0 + 1.0) / 4.0);
         // Known values: p̂ = 0.5, n = 100 → [0.4038, 0.5962]; p̂ = 0, n = 10 → [0, 0.2775].
         let (lo, hi) = wilson(0.5, 100);
-        assert!((lo - 0.40383).abs() < 1e-4 && (hi - 0.59617).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.40383).abs() < 1e-4 && (hi - 0.59617).abs() < 1e-4,
+            "{lo} {hi}"
+        );
         let (lo, hi) = wilson(0.0, 10);
         assert!(lo == 0.0 && (hi - 0.27753).abs() < 1e-4, "{hi}");
         let (lo, hi) = wilson(1.0, 10);
