@@ -2,15 +2,18 @@
 # The DPO paper's Figure 2 (left) on SmolLM2-135M-Instruct: reward (VADER) vs KL(π‖π_ref) for
 # DPO at several β, PPO against a learned reward model at several KL coefficients, and PPO on the
 # ground-truth reward. Run from the repository root after scripts/fetch-assets.sh.
-# Knobs: BETAS, KLS, EPISODES (PPO), DPO_STEPS, EVAL_PROMPTS. Outputs under out/frontier/ and the
+# Knobs: BETAS, KLS (empty: no PPO against the learned RM), EPISODES (PPO), DPO_STEPS, EVAL_PROMPTS,
+# DPO_LR, PREF_PROMPTS (training prompts sampled for preference data; default all 999). Outputs under out/frontier/ and the
 # summary (results.csv, reward_vs_kl.svg, report.md) in experiments/sentiment-frontier/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BETAS="${BETAS:-0.05 0.1 0.5 1.0}"
-KLS="${KLS:-0.02 0.05 0.1 0.2}"
+KLS="${KLS-0.02 0.05 0.1 0.2}"
 EPISODES="${EPISODES:-1600}"
 DPO_STEPS="${DPO_STEPS:-100}"
+DPO_LR="${DPO_LR:-1e-5}"
 EVAL_PROMPTS="${EVAL_PROMPTS:-160}"
+PREF_PROMPTS="${PREF_PROMPTS:-100000}"
 O=out/frontier
 R=experiments/sentiment-frontier/results
 cargo build --release
@@ -20,15 +23,16 @@ python3 scripts/review_sentences.py
 [ -e out/sft-smollm2-reviews/model.safetensors ] || $B sft --config configs/sft-smollm2-reviews.toml
 SFT=out/sft-smollm2-reviews
 # Preference data: 4 SFT samples per training prompt, ranked by the ground truth (VADER).
-[ -e "$O/rankings.jsonl" ] || $B preferences --model $SFT --prompts data/review-prompts-train.jsonl \
+head -n "$PREF_PROMPTS" data/review-prompts-train.jsonl > "$O/pref-prompts.jsonl"
+[ -e "$O/rankings.jsonl" ] || $B preferences --model $SFT --prompts "$O/pref-prompts.jsonl" \
     --judge vader --k 4 --max-new-tokens 24 --rankings "$O/rankings.jsonl" --pairs "$O/pairs.jsonl"
-[ -e "$O/rm/model.safetensors" ] || $B rm --set model=\"$SFT\" --set train_file=\"$O/rankings.jsonl\" \
+[ -z "$KLS" ] || [ -e "$O/rm/model.safetensors" ] || $B rm --set model=\"$SFT\" --set train_file=\"$O/rankings.jsonl\" \
     --set eval_split=0.1 --set output_dir=\"$O/rm\" --set num_train_epochs=1 --set learning_rate=1e-5 \
     --set per_device_train_batch_size=8 --set save_steps=0
 POLICIES="\"sft=$SFT\""
 for b in $BETAS; do
   [ -e "$O/dpo-$b/model.safetensors" ] || $B dpo --set model=\"$SFT\" --set train_file=\"$O/pairs.jsonl\" \
-      --set output_dir=\"$O/dpo-$b\" --set beta=$b --set max_steps=$DPO_STEPS --set learning_rate=5e-6 \
+      --set output_dir=\"$O/dpo-$b\" --set beta=$b --set max_steps=$DPO_STEPS --set learning_rate=$DPO_LR \
       --set per_device_train_batch_size=8 --set save_steps=0
   POLICIES="$POLICIES, \"dpo-beta$b=$O/dpo-$b\""
 done
