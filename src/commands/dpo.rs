@@ -11,9 +11,7 @@ use super::{check_train_config, fingerprint, settings_table, train_eval_records,
 use crate::algos::dpo::{reference_logprobs, DpoLoss, DpoParams, DpoTask};
 use crate::checkpoint::{save_final, Checkpoint};
 use crate::config::{describe, extract, KeyDoc};
-use crate::data::preference::{
-    prepare_comparisons, Comparison, PreferenceDataConfig, PREFERENCE_DATA_KEYS,
-};
+use crate::data::preference::{Comparison, PreferenceDataConfig, PREFERENCE_DATA_KEYS};
 use crate::model::CausalLm;
 use crate::train::{train, TrainConfig, TRAIN_KEYS};
 
@@ -223,29 +221,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         train_cfg.seed,
     )?;
     let ck = Checkpoint::load(&run.model, true)?;
+    let (train_set, eval_set) = super::load_comparisons(
+        &ck,
+        (&run.train_file, &run.eval_file),
+        (&train_records, &eval_records),
+        &mut data_cfg,
+        true,
+    )?;
     let mc = &ck.model.config;
-    if mc.family == crate::model::config::Family::Gpt2
-        && data_cfg.max_length > mc.max_position_embeddings
-    {
-        data_cfg.max_length = mc.max_position_embeddings;
-        data_cfg.max_prompt_length = data_cfg.max_prompt_length.min(data_cfg.max_length / 2);
-    }
-    let tok = ck.tokenizer()?;
-    let (train_set, stats) =
-        prepare_comparisons(&train_records, &run.train_file, tok, &data_cfg, true)?;
-    eprintln!("train data: {}", stats.summary());
-    let eval_set = if eval_records.is_empty() {
-        vec![]
-    } else {
-        let o = if run.eval_file.is_empty() {
-            &run.train_file
-        } else {
-            &run.eval_file
-        };
-        let (e, s) = prepare_comparisons(&eval_records, o, tok, &data_cfg, true)?;
-        eprintln!("eval data: {}", s.summary());
-        e
-    };
     let norm = loss.length_normalized();
     let batch = train_cfg.per_device_eval_batch_size;
     let (train_ref, eval_ref) = if run.reference_free {

@@ -157,3 +157,39 @@ pub fn check_train_config(train: &mut crate::train::TrainConfig, origin: &str) -
     }
     Ok(())
 }
+
+/// Training and held-out comparisons of a preference run, tokenised with `ck`'s tokenizer
+/// (GPT-2's position limit lowers `max_length`). `append_eos` as in `prepare_comparisons`.
+pub fn load_comparisons(
+    ck: &crate::checkpoint::Checkpoint,
+    (train_file, eval_file): (&str, &str),
+    (train_records, eval_records): (&Records, &Records),
+    data_cfg: &mut crate::data::preference::PreferenceDataConfig,
+    append_eos: bool,
+) -> Result<(
+    Vec<crate::data::preference::Comparison>,
+    Vec<crate::data::preference::Comparison>,
+)> {
+    use crate::data::preference::prepare_comparisons;
+    let mc = &ck.model.config;
+    if mc.family == crate::model::config::Family::Gpt2
+        && data_cfg.max_length > mc.max_position_embeddings
+    {
+        data_cfg.max_length = mc.max_position_embeddings;
+        data_cfg.max_prompt_length = data_cfg.max_prompt_length.min(data_cfg.max_length / 2);
+    }
+    let tok = ck.tokenizer()?;
+    let (train, stats) = prepare_comparisons(train_records, train_file, tok, data_cfg, append_eos)?;
+    eprintln!("train data: {}", stats.summary());
+    if eval_records.is_empty() {
+        return Ok((train, vec![]));
+    }
+    let origin = if eval_file.is_empty() {
+        train_file
+    } else {
+        eval_file
+    };
+    let (eval, s) = prepare_comparisons(eval_records, origin, tok, data_cfg, append_eos)?;
+    eprintln!("eval data: {}", s.summary());
+    Ok((train, eval))
+}

@@ -10,7 +10,7 @@ use crate::algos::rm::RmTask;
 use crate::checkpoint::{save_reward_model, Checkpoint};
 use crate::config::{describe, extract, KeyDoc};
 use crate::data::preference::{
-    expand_to_pairs, prepare_comparisons, Comparison, PreferenceDataConfig, PREFERENCE_DATA_KEYS,
+    expand_to_pairs, Comparison, PreferenceDataConfig, PREFERENCE_DATA_KEYS,
 };
 use crate::data::sft::encode_prompt_completion;
 use crate::model::scalar_head::ScalarHead;
@@ -163,30 +163,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         train_cfg.seed,
     )?;
     let mut ck = Checkpoint::load(&run.model, true)?;
-    let mc = &ck.model.config;
-    if mc.family == crate::model::config::Family::Gpt2
-        && data_cfg.max_length > mc.max_position_embeddings
-    {
-        data_cfg.max_length = mc.max_position_embeddings;
-        data_cfg.max_prompt_length = data_cfg.max_prompt_length.min(data_cfg.max_length / 2);
-    }
-    let tok = ck.tokenizer()?;
     // A reward model reads its score at the last token of the text itself: no EOS is appended.
-    let (comparisons, stats) =
-        prepare_comparisons(&train_records, &run.train_file, tok, &data_cfg, false)?;
-    eprintln!("train data: {}", stats.summary());
-    let eval = if eval_records.is_empty() {
-        vec![]
-    } else {
-        let origin = if run.eval_file.is_empty() {
-            &run.train_file
-        } else {
-            &run.eval_file
-        };
-        let (e, s) = prepare_comparisons(&eval_records, origin, tok, &data_cfg, false)?;
-        eprintln!("eval data: {}", s.summary());
-        e
-    };
+    let (comparisons, eval) = super::load_comparisons(
+        &ck,
+        (&run.train_file, &run.eval_file),
+        (&train_records, &eval_records),
+        &mut data_cfg,
+        false,
+    )?;
     let reference = if run.normalize_rewards {
         reference_sequences(&run, &comparisons, &ck, &data_cfg)?
     } else {
