@@ -164,6 +164,8 @@ fn ptx_keeps_the_pretraining_loss_lower() {
             ],
         );
         assert_ok(&o);
+        let scores = series(&out, "objective/scores");
+        println!("ptx_coef {coef}: mean score over the last 5 iterations {:.3}", avg(&scores[scores.len() - 5..]));
         // Held-out text perplexity of the saved policy.
         let lp = run_rlhf(&[
             "logprobs",
