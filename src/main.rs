@@ -42,7 +42,7 @@ enum Command {
     Eval(commands::RunArgs),
     /// Preference data from a judge: K samples per prompt, ranked (rankings + best/worst pairs).
     Preferences(commands::preferences::PreferencesArgs),
-    /// The whole pipeline with nothing downloaded: tiny model → SFT → RM → PPO and DPO → report (about 10 minutes on 2 cores).
+    /// The whole pipeline with nothing downloaded: tiny model → SFT → RM → PPO and DPO → report (about 6 minutes on 2 cores).
     Quickstart(commands::quickstart::QuickstartArgs),
     /// Convert a checkpoint (GGUF, HF dir, HF cache id) into an HF directory transformers loads.
     Convert(commands::convert::ConvertArgs),
