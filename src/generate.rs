@@ -52,6 +52,13 @@ pub struct Sample {
     pub stopped: bool,
 }
 
+impl Sample {
+    /// The generated tokens without the stop token that ended the row (the response's text).
+    pub fn response(&self) -> &[u32] {
+        &self.tokens[..self.tokens.len() - usize::from(self.stopped)]
+    }
+}
+
 /// log softmax of one row, in place-free f64 accumulation.
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);

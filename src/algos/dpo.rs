@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::preference::Comparison;
 use crate::model::CausalLm;
-use crate::ops::{self, log_sigmoid};
+use crate::ops::{self, log_sigmoid, pairwise_differences};
 use crate::train::{MicroBatchLoss, Task};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -66,19 +66,9 @@ pub fn dpo_loss(logratios: &Tensor, p: &DpoParams) -> Result<Tensor> {
         }
         return Ok(Tensor::stack(&terms, 0)?.sum_all()?.neg()?);
     }
-    let (mut better, mut worse) = (vec![], vec![]);
-    for i in 0..k {
-        for j in i + 1..k {
-            better.push(i as u32);
-            worse.push(j as u32);
-        }
-    }
-    let n = better.len();
-    let pick = |idx: Vec<u32>| -> Result<Tensor> {
-        Ok(logratios.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, 0)?)
-    };
-    // Unscaled difference of log-ratios; h = β·diff.
-    let diff = (pick(better)? - pick(worse)?)?;
+    // Unscaled difference of log-ratios, winner minus loser; h = β·diff.
+    let diff = pairwise_differences(logratios)?;
+    let n = diff.dim(0)?;
     let per_pair = match p.loss {
         DpoLoss::Sigmoid => {
             let h = (&diff * p.beta)?;
@@ -105,10 +95,7 @@ pub fn comparison_logprobs(
     group: &[&Comparison],
     length_normalized: bool,
 ) -> Result<(Tensor, Vec<f32>, usize)> {
-    let seqs: Vec<Vec<u32>> = group
-        .iter()
-        .flat_map(|c| (0..c.completions.len()).map(|k| c.sequence(k)))
-        .collect();
+    let seqs = Comparison::sequences_of(group);
     let starts: Vec<usize> = group
         .iter()
         .flat_map(|c| std::iter::repeat_n(c.prompt.len(), c.completions.len()))

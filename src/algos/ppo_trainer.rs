@@ -5,7 +5,6 @@
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
-use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -23,12 +22,10 @@ use crate::reward::{Episode, RewardSource};
 use crate::tokenize::Tokenizer;
 use crate::train::lm_loss::target_nll_sum;
 use crate::train::metrics::MetricsLogger;
-use crate::train::optim::{AdamW, AdamWConfig, GradBuffers};
+use crate::train::optim::GradBuffers;
 use crate::train::schedule::lr_at;
-use crate::train::state::{
-    latest_checkpoint, load_checkpoint, load_extra_tensors, save_checkpoint, TrainerState,
-};
-use crate::train::trainer::step_examples;
+use crate::train::state::{load_extra_tensors, save_checkpoint};
+use crate::train::trainer::{new_optimizer, progress_bar, start_state, step_examples};
 use crate::train::TrainConfig;
 
 /// PPO's own settings (TRL's `PPOConfig` names where TRL has one).
@@ -260,15 +257,7 @@ pub fn run_ppo(
             .into_iter()
             .map(|(n, v)| (format!("value.{n}"), v)),
     );
-    let mut optimizer = AdamW::new(
-        &params,
-        AdamWConfig {
-            beta1: train.adam_beta1,
-            beta2: train.adam_beta2,
-            eps: train.adam_epsilon,
-            weight_decay: train.weight_decay,
-        },
-    );
+    let mut optimizer = new_optimizer(train, &params);
     let mut kl_ctl = KlController {
         beta: cfg.kl_coef,
         target: cfg.adaptive_kl.then_some(cfg.kl_target),
@@ -281,47 +270,22 @@ pub fn run_ppo(
             .map(|(_, v)| v.as_tensor().detach())
             .collect(),
     });
-    let mut state = TrainerState {
-        step: 0,
-        skipped_steps: 0,
-        fingerprint: fingerprint.to_string(),
-        extra: serde_json::Value::Null,
-    };
-    if resume {
-        if let Some(ck) = latest_checkpoint(out) {
-            let loaded = load_checkpoint(&ck, &params, &mut optimizer)?;
-            if loaded.fingerprint != fingerprint {
-                bail!(
-                    "{}: checkpoint was made with different settings; resume needs the same configuration",
-                    ck.display()
-                );
+    let (mut state, resumed_from) = start_state(out, &params, &mut optimizer, fingerprint, resume)?;
+    if let Some(b) = state.extra.get("kl_coef").and_then(|v| v.as_f64()) {
+        kl_ctl.beta = b;
+    }
+    if let (Some(e), Some(ck)) = (ema.as_mut(), &resumed_from) {
+        let saved = load_extra_tensors(ck)?;
+        for (v, (name, _)) in e.values.iter_mut().zip(&policy_params) {
+            if let Some(t) = saved.get(&format!("ema.{name}")) {
+                *v = t.clone();
             }
-            if let Some(b) = loaded.extra.get("kl_coef").and_then(|v| v.as_f64()) {
-                kl_ctl.beta = b;
-            }
-            if let Some(e) = ema.as_mut() {
-                let saved = load_extra_tensors(&ck)?;
-                for (v, (name, _)) in e.values.iter_mut().zip(&policy_params) {
-                    if let Some(t) = saved.get(&format!("ema.{name}")) {
-                        *v = t.clone();
-                    }
-                }
-            }
-            eprintln!("resuming from {} (iteration {})", ck.display(), loaded.step);
-            state = loaded;
         }
     }
     let mut logger = MetricsLogger::create(out, resume && state.step > 0)?;
     let mut samples_log = String::new();
     let mut grads = GradBuffers::new(&params);
-    let pb = ProgressBar::new(iterations);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} iterations {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.set_position(state.step);
+    let pb = progress_bar(iterations, "iterations", state.step);
     let mut last_metrics = vec![];
 
     while state.step < iterations {
@@ -343,13 +307,7 @@ pub fn run_ppo(
 
         // 2. Scores of the text without its stop token.
         let t_score0 = Instant::now();
-        let bodies: Vec<&[u32]> = samples
-            .iter()
-            .map(|s| {
-                let n = s.tokens.len() - usize::from(s.stopped);
-                &s.tokens[..n]
-            })
-            .collect();
+        let bodies: Vec<&[u32]> = samples.iter().map(Sample::response).collect();
         let texts: Vec<String> = bodies
             .iter()
             .map(|b| tokenizer.decode(b, true))

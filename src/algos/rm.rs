@@ -9,47 +9,29 @@
 //! optional margin.
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use crate::data::preference::Comparison;
 use crate::model::scalar_head::ScalarHead;
 use crate::model::CausalLm;
-use crate::ops::log_sigmoid;
+use crate::ops::{log_sigmoid, pairwise_differences};
 use crate::train::{MicroBatchLoss, Task};
-
-/// Index pairs (i, j), i < j: completion i is ranked above completion j.
-fn ranked_pairs(k: usize) -> (Vec<u32>, Vec<u32>) {
-    let mut better = Vec::new();
-    let mut worse = Vec::new();
-    for i in 0..k {
-        for j in i + 1..k {
-            better.push(i as u32);
-            worse.push(j as u32);
-        }
-    }
-    (better, worse)
-}
 
 /// The K-way loss of one prompt; `rewards` [K] are in rank order, best first.
 pub fn ranking_loss(rewards: &Tensor, margin: f64) -> Result<Tensor> {
-    let k = rewards.dim(0)?;
-    let (better, worse) = ranked_pairs(k);
-    let n = better.len();
-    let better = Tensor::from_vec(better, n, &Device::Cpu)?;
-    let worse = Tensor::from_vec(worse, n, &Device::Cpu)?;
-    let diff = ((rewards.index_select(&better, 0)? - rewards.index_select(&worse, 0)?)? - margin)?;
+    let diff = (pairwise_differences(rewards)? - margin)?;
+    let n = diff.dim(0)?;
     Ok((log_sigmoid(&diff)?.sum_all()? / -(n as f64))?)
 }
 
 /// Fraction of a prompt's pairs that the rewards order correctly (ties count as wrong).
 pub fn pairwise_accuracy(rewards: &[f32]) -> f64 {
-    let (better, worse) = ranked_pairs(rewards.len());
-    let right = better
-        .iter()
-        .zip(&worse)
-        .filter(|(&i, &j)| rewards[i as usize] > rewards[j as usize])
+    let k = rewards.len();
+    let right = (0..k)
+        .flat_map(|i| (i + 1..k).map(move |j| (i, j)))
+        .filter(|&(i, j)| rewards[i] > rewards[j])
         .count();
-    right as f64 / better.len().max(1) as f64
+    right as f64 / (k * (k - 1) / 2).max(1) as f64
 }
 
 pub struct RmTask {
@@ -90,10 +72,7 @@ impl RmTask {
         model: &CausalLm,
         group: &[&Comparison],
     ) -> Result<(Vec<Tensor>, Vec<Vec<f32>>, usize)> {
-        let seqs: Vec<Vec<u32>> = group
-            .iter()
-            .flat_map(|c| (0..c.completions.len()).map(|k| c.sequence(k)))
-            .collect();
+        let seqs = Comparison::sequences_of(group);
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         let scores = self.head.raw_scores(model, &refs)?;
         let (mut losses, mut rewards, mut offset) = (vec![], vec![], 0);
@@ -173,6 +152,7 @@ impl Task for RmTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn logsig(x: f64) -> f64 {
         -(1.0 + (-x).exp()).ln()

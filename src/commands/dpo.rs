@@ -143,9 +143,7 @@ fn cached_reference_logprobs(
             format!("{ref_hash:016x}"),
             length_normalized
         ])],
-        comparisons.iter().flat_map(|c| {
-            std::iter::once(c.prompt.as_slice()).chain(c.completions.iter().map(Vec::as_slice))
-        }),
+        comparisons.iter().flat_map(Comparison::token_lists),
     );
     let path =
         (!cache_dir.is_empty()).then(|| PathBuf::from(cache_dir).join(format!("{key}.json")));
@@ -194,12 +192,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         *p = crate::io::expand_tilde(p);
     }
     check_train_config(&mut train_cfg, &origin)?;
-    if run.model.is_empty() || run.train_file.is_empty() {
-        bail!("{origin}: `model` and `train_file` are required");
-    }
-    if !(0.0..1.0).contains(&run.eval_split) {
-        bail!("{origin}: eval_split must be in [0, 1)");
-    }
+    super::check_model_and_data(&origin, &run.model, &run.train_file, run.eval_split)?;
     let loss = DpoLoss::parse(&run.loss_type).with_context(|| origin.clone())?;
     if !(run.beta > 0.0 && run.beta.is_finite()) {
         bail!("{origin}: beta must be a positive number");
@@ -252,8 +245,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 mc.vocab_size
             );
         }
-        let h = weights_hash(reference)?;
         let cache = &run.ref_cache_dir;
+        // The weights' hash only keys the cache.
+        let h = if cache.is_empty() {
+            0
+        } else {
+            weights_hash(reference)?
+        };
         (
             cached_reference_logprobs(reference, h, &train_set, norm, batch, cache, "train")?,
             cached_reference_logprobs(reference, h, &eval_set, norm, batch, cache, "eval")?,
@@ -273,9 +271,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             serde_json::to_value(&data_cfg)?,
             super::train_settings_for_fingerprint(&train_cfg),
         ],
-        train_set.iter().flat_map(|c| {
-            std::iter::once(c.prompt.as_slice()).chain(c.completions.iter().map(Vec::as_slice))
-        }),
+        train_set.iter().flat_map(Comparison::token_lists),
     );
     let mut task = DpoTask {
         params: DpoParams {
@@ -296,11 +292,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "done: {} steps ({} skipped), {}{:.0} tokens/s; model written to {}",
         outcome.steps,
         outcome.skipped_steps,
-        outcome
-            .eval_metrics
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.4}, "))
-            .collect::<String>(),
+        super::metrics_summary(&outcome.eval_metrics),
         outcome.tokens_per_second,
         out.display()
     );

@@ -158,6 +158,30 @@ pub fn check_train_config(train: &mut crate::train::TrainConfig, origin: &str) -
     Ok(())
 }
 
+/// What every training command needs: a model, training data, and an eval_split in [0, 1).
+pub fn check_model_and_data(
+    origin: &str,
+    model: &str,
+    train_file: &str,
+    eval_split: f64,
+) -> Result<()> {
+    if model.is_empty() || train_file.is_empty() {
+        anyhow::bail!("{origin}: `model` and `train_file` are required");
+    }
+    if !(0.0..1.0).contains(&eval_split) {
+        anyhow::bail!("{origin}: eval_split must be in [0, 1)");
+    }
+    Ok(())
+}
+
+/// Evaluation metrics as "name value, " pairs, for a run's closing line.
+pub fn metrics_summary(metrics: &[(String, f64)]) -> String {
+    metrics
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.4}, "))
+        .collect()
+}
+
 /// Training and held-out comparisons of a preference run, tokenised with `ck`'s tokenizer
 /// (GPT-2's position limit lowers `max_length`). `append_eos` as in `prepare_comparisons`.
 pub fn load_comparisons(

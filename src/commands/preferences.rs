@@ -73,10 +73,7 @@ pub fn rank_samples(
     let (mut rankings, mut pairs) = (String::new(), String::new());
     let mut kept = 0;
     for (n, p) in prompts.iter().enumerate() {
-        let bodies: Vec<&[u32]> = draws
-            .iter()
-            .map(|d| &d[n].tokens[..d[n].tokens.len() - usize::from(d[n].stopped)])
-            .collect();
+        let bodies: Vec<&[u32]> = draws.iter().map(|d| d[n].response()).collect();
         let texts: Vec<String> = bodies
             .iter()
             .map(|b| tok.decode(b, true))

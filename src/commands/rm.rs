@@ -143,12 +143,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         *p = crate::io::expand_tilde(p);
     }
     check_train_config(&mut train_cfg, &origin)?;
-    if run.model.is_empty() || run.train_file.is_empty() {
-        bail!("{origin}: `model` and `train_file` are required");
-    }
-    if !(0.0..1.0).contains(&run.eval_split) {
-        bail!("{origin}: eval_split must be in [0, 1)");
-    }
+    super::check_model_and_data(&origin, &run.model, &run.train_file, run.eval_split)?;
     if !["per_prompt", "shuffled_pairs"].contains(&run.ranking_batching.as_str()) {
         bail!(
             "{origin}: ranking_batching must be \"per_prompt\" or \"shuffled_pairs\", not {:?}",
@@ -189,9 +184,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             serde_json::to_value(&data_cfg)?,
             super::train_settings_for_fingerprint(&train_cfg),
         ],
-        train_set.iter().flat_map(|c| {
-            std::iter::once(c.prompt.as_slice()).chain(c.completions.iter().map(Vec::as_slice))
-        }),
+        train_set.iter().flat_map(Comparison::token_lists),
     );
     let mut task = RmTask {
         head,
@@ -220,11 +213,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         "done: {} steps ({} skipped), {}{:.0} tokens/s; reward model written to {}",
         outcome.steps,
         outcome.skipped_steps,
-        outcome
-            .eval_metrics
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.4}, "))
-            .collect::<String>(),
+        super::metrics_summary(&outcome.eval_metrics),
         outcome.tokens_per_second,
         out.display()
     );

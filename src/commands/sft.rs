@@ -1,13 +1,13 @@
 //! `rlhf sft`: supervised fine-tuning from a TOML config and `--set` overrides.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 use crate::algos::sft::SftTask;
 use crate::checkpoint::Checkpoint;
-use crate::config::{check_keys, describe, extract, load_table, KeyDoc};
+use crate::config::{describe, extract, KeyDoc};
 use crate::data::sft::{prepare, SftDataConfig, SFT_DATA_KEYS};
 use crate::train::{train, TrainConfig, TRAIN_KEYS};
 
@@ -64,16 +64,9 @@ fn fingerprint(
     let mut h = std::collections::hash_map::DefaultHasher::new();
     run.model.hash(&mut h);
     serde_json::to_string(data).unwrap_or_default().hash(&mut h);
-    let t = TrainConfig {
-        output_dir: String::new(),
-        logging_steps: 0,
-        eval_steps: 0,
-        save_steps: 0,
-        save_total_limit: 0,
-        threads: 0,
-        ..train.clone()
-    };
-    serde_json::to_string(&t).unwrap_or_default().hash(&mut h);
+    super::train_settings_for_fingerprint(train)
+        .to_string()
+        .hash(&mut h);
     for e in examples {
         e.ids.hash(&mut h);
         e.targets.hash(&mut h);
@@ -82,48 +75,26 @@ fn fingerprint(
     format!("{:016x}", h.finish())
 }
 
-use super::split_eval;
-
 pub fn run(args: &SftArgs) -> Result<()> {
-    let origin = args
-        .config
-        .as_ref()
-        .map_or("--set".to_string(), |p| p.display().to_string());
-    let table = load_table(args.config.as_deref(), &args.sets)?;
-    check_keys(&table, &[RUN_KEYS, SFT_DATA_KEYS, TRAIN_KEYS], &origin)?;
-    let run: SftRunConfig = extract(&table, RUN_KEYS, &origin)?;
-    let data_cfg: SftDataConfig = extract(&table, SFT_DATA_KEYS, &origin)?;
+    let (table, origin) = super::settings_table(args, &[RUN_KEYS, SFT_DATA_KEYS, TRAIN_KEYS])?;
+    let mut run: SftRunConfig = extract(&table, RUN_KEYS, &origin)?;
+    let mut data_cfg: SftDataConfig = extract(&table, SFT_DATA_KEYS, &origin)?;
     let mut train_cfg: TrainConfig = extract(&table, TRAIN_KEYS, &origin)?;
-    let mut run = run;
-    for p in [
-        &mut run.model,
-        &mut run.train_file,
-        &mut run.eval_file,
-        &mut train_cfg.output_dir,
-    ] {
+    for p in [&mut run.model, &mut run.train_file, &mut run.eval_file] {
         *p = crate::io::expand_tilde(p);
     }
-    train_cfg.validate().with_context(|| origin.clone())?;
-    if run.model.is_empty() || run.train_file.is_empty() {
-        bail!("{origin}: `model` and `train_file` are required");
-    }
-    if !(0.0..1.0).contains(&run.eval_split) {
-        bail!("{origin}: eval_split must be in [0, 1)");
-    }
-    if train_cfg.threads > 0 {
-        std::env::set_var("RAYON_NUM_THREADS", train_cfg.threads.to_string());
-    }
+    super::check_train_config(&mut train_cfg, &origin)?;
+    super::check_model_and_data(&origin, &run.model, &run.train_file, run.eval_split)?;
     // Everything that can fail on bad input is checked before training starts.
     crate::train::trainer::preflight(&train_cfg, args.resume)?;
-    let records = crate::data::read_records(Path::new(&run.train_file))?;
-    let (train_records, mut eval_records) = if run.eval_file.is_empty() && run.eval_split > 0.0 {
-        split_eval(records, run.eval_split, train_cfg.seed)
-    } else {
-        (records, vec![])
-    };
+    let (train_records, eval_records) = super::train_eval_records(
+        &run.train_file,
+        &run.eval_file,
+        run.eval_split,
+        train_cfg.seed,
+    )?;
     let ck = Checkpoint::load(&run.model, true)?;
     let tok = ck.tokenizer()?;
-    let mut data_cfg = data_cfg;
     let mc = &ck.model.config;
     if mc.family == crate::model::config::Family::Gpt2
         && data_cfg.max_length > mc.max_position_embeddings
@@ -136,19 +107,16 @@ pub fn run(args: &SftArgs) -> Result<()> {
     }
     let (train_examples, stats) = prepare(&train_records, &run.train_file, tok, &data_cfg)?;
     let eval_origin = if run.eval_file.is_empty() {
-        run.train_file.clone()
+        &run.train_file
     } else {
-        run.eval_file.clone()
+        &run.eval_file
     };
-    if !run.eval_file.is_empty() {
-        eval_records = crate::data::read_records(Path::new(&run.eval_file))?;
-    }
     let eval_examples = if eval_records.is_empty() {
         vec![]
     } else {
         prepare(
             &eval_records,
-            &eval_origin,
+            eval_origin,
             tok,
             &SftDataConfig {
                 packing: false,
@@ -181,11 +149,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         outcome.steps,
         outcome.skipped_steps,
         loss.map_or("n/a".into(), |l| format!("{l:.4}")),
-        outcome
-            .eval_metrics
-            .iter()
-            .map(|(k, v)| format!("{k} {v:.4}, "))
-            .collect::<String>(),
+        super::metrics_summary(&outcome.eval_metrics),
         outcome.tokens_per_second,
         out.display()
     );

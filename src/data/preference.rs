@@ -36,9 +36,17 @@ impl Comparison {
         s
     }
 
-    pub fn num_pairs(&self) -> usize {
-        let k = self.completions.len();
-        k * (k - 1) / 2
+    /// prompt + completion for every completion of every comparison, in order.
+    pub fn sequences_of(group: &[&Comparison]) -> Vec<Vec<u32>> {
+        group
+            .iter()
+            .flat_map(|c| (0..c.completions.len()).map(|k| c.sequence(k)))
+            .collect()
+    }
+
+    /// The prompt's and then each completion's token ids (what a run's fingerprint covers).
+    pub fn token_lists(&self) -> impl Iterator<Item = &[u32]> {
+        std::iter::once(self.prompt.as_slice()).chain(self.completions.iter().map(Vec::as_slice))
     }
 }
 

@@ -288,10 +288,7 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         for chunk in prompt_ids.chunks(cfg.batch_size.max(1) * 4) {
             samples.extend(generate(&ck.model, chunk, &sampling)?);
         }
-        let bodies: Vec<&[u32]> = samples
-            .iter()
-            .map(|s| &s.tokens[..s.tokens.len() - usize::from(s.stopped)])
-            .collect();
+        let bodies: Vec<&[u32]> = samples.iter().map(|s| s.response()).collect();
         let texts_out: Vec<String> = bodies
             .iter()
             .map(|b| tok.decode(b, true))

@@ -61,6 +61,23 @@ pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&lse)
 }
 
+/// x_i − x_j for every pair i < j of a vector [K], in the order (0,1), (0,2), …, (K−2,K−1):
+/// [K(K−1)/2]. With x in rank order (best first) these are the "winner minus loser" terms.
+pub fn pairwise_differences(x: &Tensor) -> Result<Tensor> {
+    let k = x.dim(0)?;
+    let (mut first, mut second) = (vec![], vec![]);
+    for i in 0..k {
+        for j in i + 1..k {
+            first.push(i as u32);
+            second.push(j as u32);
+        }
+    }
+    let n = first.len();
+    let first = Tensor::from_vec(first, n, x.device())?;
+    let second = Tensor::from_vec(second, n, x.device())?;
+    x.index_select(&first, 0)? - x.index_select(&second, 0)?
+}
+
 /// log σ(x) = −relu(−x) − log(1 + e^{−|x|}), finite for any x (and differentiable).
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
     let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;

@@ -3,7 +3,7 @@
 //! the NaN guard, logging, evaluation and checkpoints.
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -134,6 +134,62 @@ fn add_into(acc: &mut Vec<(String, f64)>, values: &[(String, f64)]) {
     }
 }
 
+/// AdamW over `params` with the run's settings.
+pub fn new_optimizer(cfg: &TrainConfig, params: &[(String, Var)]) -> AdamW {
+    AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: cfg.adam_beta1,
+            beta2: cfg.adam_beta2,
+            eps: cfg.adam_epsilon,
+            weight_decay: cfg.weight_decay,
+        },
+    )
+}
+
+/// Where a run starts: step 0, or, when resuming, the newest checkpoint in `out` (weights and
+/// optimizer moments restored in place; refused if it was made with other settings). Returns the
+/// state and the checkpoint it came from.
+pub fn start_state(
+    out: &Path,
+    params: &[(String, Var)],
+    optimizer: &mut AdamW,
+    fingerprint: &str,
+    resume: bool,
+) -> Result<(TrainerState, Option<std::path::PathBuf>)> {
+    let fresh = TrainerState {
+        step: 0,
+        skipped_steps: 0,
+        fingerprint: fingerprint.to_string(),
+        extra: serde_json::Value::Null,
+    };
+    let Some(ck) = latest_checkpoint(out).filter(|_| resume) else {
+        return Ok((fresh, None));
+    };
+    let loaded = load_checkpoint(&ck, params, optimizer)?;
+    if loaded.fingerprint != fingerprint {
+        bail!(
+            "{}: checkpoint was made with different settings (data, model or batch/schedule); resume needs the same configuration",
+            ck.display()
+        );
+    }
+    eprintln!("resuming from {} (step {})", ck.display(), loaded.step);
+    Ok((loaded, Some(ck)))
+}
+
+/// The progress bar of a run of `total` `unit`s, starting at `position`.
+pub fn progress_bar(total: u64, unit: &str, position: u64) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {unit} {{msg}} [{{elapsed_precise}}<{{eta_precise}}]"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb.set_position(position);
+    pb
+}
+
 /// Runs the optimizer steps (resuming from the latest checkpoint when asked).
 pub fn train(
     cfg: &TrainConfig,
@@ -157,44 +213,11 @@ pub fn train(
     } else {
         (cfg.warmup_ratio * total as f64).ceil() as usize
     };
-    let mut optimizer = AdamW::new(
-        params,
-        AdamWConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-    );
-    let mut state = TrainerState {
-        step: 0,
-        skipped_steps: 0,
-        fingerprint: fingerprint.to_string(),
-        extra: serde_json::Value::Null,
-    };
-    if resume {
-        if let Some(ck) = latest_checkpoint(out) {
-            let loaded = load_checkpoint(&ck, params, &mut optimizer)?;
-            if loaded.fingerprint != fingerprint {
-                bail!(
-                    "{}: checkpoint was made with different settings (data, model or batch/schedule); resume needs the same configuration",
-                    ck.display()
-                );
-            }
-            eprintln!("resuming from {} (step {})", ck.display(), loaded.step);
-            state = loaded;
-        }
-    }
+    let mut optimizer = new_optimizer(cfg, params);
+    let (mut state, _) = start_state(out, params, &mut optimizer, fingerprint, resume)?;
     let mut logger = MetricsLogger::create(out, resume && state.step > 0)?;
     let mut grads = GradBuffers::new(params);
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb.set_position(state.step);
+    let pb = progress_bar(total, "steps", state.step);
 
     let mut window: Vec<(String, f64)> = Vec::new();
     let mut window_steps = 0u64;
