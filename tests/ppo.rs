@@ -56,8 +56,9 @@ fn prompts_file(dir: &Path, n: usize) -> std::path::PathBuf {
     p
 }
 
-fn ppo(dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
-    let sets = [
+/// `rlhf ppo` (with `flags`, e.g. --resume) on the tiny llama with a rule reward, then `extra`.
+fn ppo_with(flags: &[&str], dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
+    let mut sets = vec![
         format!("model=\"{}\"", model_path("llama-tied")),
         format!("prompt_file=\"{}\"", prompts.display()),
         format!("output_dir=\"{}\"", dir.display()),
@@ -70,13 +71,14 @@ fn ppo(dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
         "save_steps=0".into(),
         "sample_every=5".into(),
     ];
-    let mut args: Vec<String> = vec!["ppo".into()];
-    for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
-        args.push("--set".into());
-        args.push(s.into());
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_rlhf(&refs)
+    sets.extend(extra.iter().map(|e| e.to_string()));
+    let mut command = vec!["ppo"];
+    command.extend_from_slice(flags);
+    run_with_sets(&command, &sets)
+}
+
+fn ppo(dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
+    ppo_with(&[], dir, prompts, extra)
 }
 
 fn series(dir: &Path, key: &str) -> Vec<f64> {
@@ -165,7 +167,10 @@ fn ptx_keeps_the_pretraining_loss_lower() {
         );
         assert_ok(&o);
         let scores = series(&out, "objective/scores");
-        println!("ptx_coef {coef}: mean score over the last 5 iterations {:.3}", avg(&scores[scores.len() - 5..]));
+        println!(
+            "ptx_coef {coef}: mean score over the last 5 iterations {:.3}",
+            avg(&scores[scores.len() - 5..])
+        );
         // Held-out text perplexity of the saved policy.
         let lp = run_rlhf(&[
             "logprobs",
@@ -298,30 +303,7 @@ fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
             }
         }
     }
-    let resumed = {
-        let sets = [
-            format!("model=\"{}\"", model_path("llama-tied")),
-            format!("prompt_file=\"{}\"", prompts.display()),
-            format!("output_dir=\"{}\"", part.display()),
-            "reward=\"rule:ids:100-160\"".into(),
-            "response_length=8".into(),
-            "learning_rate=3e-3".into(),
-            "lr_scheduler_type=\"constant\"".into(),
-            "num_ppo_epochs=2".into(),
-            "sample_every=5".into(),
-        ];
-        let mut a: Vec<String> = vec!["ppo".into(), "--resume".into()];
-        for s in sets
-            .iter()
-            .map(String::as_str)
-            .chain(settings.iter().copied())
-        {
-            a.push("--set".into());
-            a.push(s.into());
-        }
-        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
-        run_rlhf(&refs)
-    };
+    let resumed = ppo_with(&["--resume"], &part, &prompts, &settings);
     assert_ok(&resumed);
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
     let a = std::fs::read(full.join("model.safetensors")).unwrap();

@@ -55,43 +55,22 @@ fn pair_record(rng: &mut Lcg) -> Value {
     json!({"prompt": "review:", "chosen": c[best], "rejected": c[1 - best]})
 }
 
-fn rm_args<'a>(dir: &'a str, train: &'a str, eval: &'a str, extra: &[&'a str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "rm",
-        "--set",
-        &format!("model=\"{}\"", model_path("llama-tied")),
-        "--set",
-        &format!("train_file=\"{train}\""),
-        "--set",
-        &format!("eval_file=\"{eval}\""),
-        "--set",
-        &format!("output_dir=\"{dir}\""),
-        "--set",
-        "learning_rate=3e-3",
-        "--set",
-        "lr_scheduler_type=\"constant\"",
-        "--set",
-        "per_device_train_batch_size=8",
-        "--set",
-        "per_device_eval_batch_size=32",
-        "--set",
-        "logging_steps=10",
-        "--set",
-        "save_steps=0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for e in extra {
-        a.push("--set".into());
-        a.push(e.to_string());
-    }
-    a
-}
-
-fn run_strings(args: &[String]) -> std::process::Output {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_rlhf(&refs)
+/// `rlhf rm` on the tiny llama with the tests' settings, then `extra`.
+fn rm(dir: &Path, train: &Path, eval: &Path, extra: &[&str]) -> std::process::Output {
+    let mut sets = vec![
+        format!("model=\"{}\"", model_path("llama-tied")),
+        format!("train_file=\"{}\"", train.display()),
+        format!("eval_file=\"{}\"", eval.display()),
+        format!("output_dir=\"{}\"", dir.display()),
+        "learning_rate=3e-3".into(),
+        "lr_scheduler_type=\"constant\"".into(),
+        "per_device_train_batch_size=8".into(),
+        "per_device_eval_batch_size=32".into(),
+        "logging_steps=10".into(),
+        "save_steps=0".into(),
+    ];
+    sets.extend(extra.iter().map(|e| e.to_string()));
+    run_with_sets(&["rm"], &sets)
 }
 
 #[test]
@@ -100,20 +79,9 @@ fn reward_model_learns_a_hidden_lexicon_reward_and_is_saved_for_transformers() {
     let mut rng = Lcg(7);
     let train: Vec<Value> = (0..300).map(|_| ranking_record(&mut rng, 4)).collect();
     let eval: Vec<Value> = (0..60).map(|_| ranking_record(&mut rng, 4)).collect();
-    let (tp, ep) = (
-        tmp.path().join("train.jsonl"),
-        tmp.path().join("eval.jsonl"),
-    );
-    write_jsonl(&tp, &train);
-    write_jsonl(&ep, &eval);
+    let (tp, ep) = write_train_eval(tmp.path(), &train, &eval);
     let out = tmp.path().join("rm");
-    let args = rm_args(
-        out.to_str().unwrap(),
-        tp.to_str().unwrap(),
-        ep.to_str().unwrap(),
-        &["max_steps=150", "eval_steps=150"],
-    );
-    let o = run_strings(&args);
+    let o = rm(&out, &tp, &ep, &["max_steps=150", "eval_steps=150"]);
     assert_ok(&o);
     let (acc0, acc) = metric_first_last(&out, "eval/accuracy");
     println!("reward model: held-out pairwise accuracy {acc0:.3} → {acc:.3}");
@@ -211,9 +179,15 @@ fn a_causal_lm_is_refused_by_score() {
     assert!(err.contains("not a reward model"), "{err}");
 }
 
-fn dpo_args(dir: &Path, train: &Path, eval: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec!["dpo".into()];
-    let sets = [
+/// `rlhf dpo` on the tiny llama with the tests' settings, then `extra`.
+fn dpo(
+    dir: &Path,
+    train: &Path,
+    eval: &Path,
+    cache: &Path,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut sets = vec![
         format!("model=\"{}\"", model_path("llama-tied")),
         format!("train_file=\"{}\"", train.display()),
         format!("eval_file=\"{}\"", eval.display()),
@@ -226,11 +200,8 @@ fn dpo_args(dir: &Path, train: &Path, eval: &Path, cache: &Path, extra: &[&str])
         "logging_steps=5".into(),
         "save_steps=0".into(),
     ];
-    for s in sets.iter().map(String::as_str).chain(extra.iter().copied()) {
-        a.push("--set".into());
-        a.push(s.to_string());
-    }
-    a
+    sets.extend(extra.iter().map(|e| e.to_string()));
+    run_with_sets(&["dpo"], &sets)
 }
 
 #[test]
@@ -239,21 +210,10 @@ fn dpo_raises_held_out_implicit_reward_accuracy_and_caches_reference_logprobs() 
     let mut rng = Lcg(3);
     let train: Vec<Value> = (0..200).map(|_| pair_record(&mut rng)).collect();
     let eval: Vec<Value> = (0..50).map(|_| pair_record(&mut rng)).collect();
-    let (tp, ep) = (
-        tmp.path().join("train.jsonl"),
-        tmp.path().join("eval.jsonl"),
-    );
-    write_jsonl(&tp, &train);
-    write_jsonl(&ep, &eval);
+    let (tp, ep) = write_train_eval(tmp.path(), &train, &eval);
     let cache = tmp.path().join("cache");
     let out = tmp.path().join("dpo");
-    let o = run_strings(&dpo_args(
-        &out,
-        &tp,
-        &ep,
-        &cache,
-        &["max_steps=60", "eval_steps=60"],
-    ));
+    let o = dpo(&out, &tp, &ep, &cache, &["max_steps=60", "eval_steps=60"]);
     assert_ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -291,7 +251,7 @@ fn dpo_raises_held_out_implicit_reward_accuracy_and_caches_reference_logprobs() 
 
     // Same reference weights and token ids: the cache answers, and training is unchanged.
     let out2 = tmp.path().join("dpo2");
-    let o = run_strings(&dpo_args(&out2, &tp, &ep, &cache, &["max_steps=5"]));
+    let o = dpo(&out2, &tp, &ep, &cache, &["max_steps=5"]);
     assert_ok(&o);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -329,7 +289,7 @@ fn dpo_variants_and_plackett_luce_on_rankings_learn() {
         let out = tmp.path().join(format!("run{i}"));
         let mut e = extra.clone();
         e.extend(["max_steps=30", "eval_steps=30"]);
-        let o = run_strings(&dpo_args(&out, data, data, &cache, &e));
+        let o = dpo(&out, data, data, &cache, &e);
         assert_ok(&o);
         let (_, acc) = metric_first_last(&out, "eval/rewards/accuracies");
         let (l0, l1) = metric_first_last(&out, "eval/loss");
@@ -423,22 +383,17 @@ fn per_prompt_batching_vs_shuffled_pairs() {
     let mut rng = Lcg(11);
     let train: Vec<Value> = (0..200).map(|_| ranking_record(&mut rng, 4)).collect();
     let eval: Vec<Value> = (0..100).map(|_| ranking_record(&mut rng, 4)).collect();
-    let (tp, ep) = (
-        tmp.path().join("train.jsonl"),
-        tmp.path().join("eval.jsonl"),
-    );
-    write_jsonl(&tp, &train);
-    write_jsonl(&ep, &eval);
+    let (tp, ep) = write_train_eval(tmp.path(), &train, &eval);
     let mut results = vec![];
     // per_prompt: 4 prompts × 6 pairs per step; shuffled_pairs: 24 pairs per step.
     for (mode, batch) in [("per_prompt", 4), ("shuffled_pairs", 24)] {
         for epochs in [1, 3] {
             let out = tmp.path().join(format!("{mode}-{epochs}"));
             let steps = 200 * epochs / 4;
-            let args = rm_args(
-                out.to_str().unwrap(),
-                tp.to_str().unwrap(),
-                ep.to_str().unwrap(),
+            let o = rm(
+                &out,
+                &tp,
+                &ep,
                 &[
                     &format!("ranking_batching=\"{mode}\""),
                     &format!("per_device_train_batch_size={batch}"),
@@ -447,7 +402,7 @@ fn per_prompt_batching_vs_shuffled_pairs() {
                     "learning_rate=1e-3",
                 ],
             );
-            assert_ok(&run_strings(&args));
+            assert_ok(&o);
             let (_, acc) = metric_first_last(&out, "eval/accuracy");
             let (_, loss) = metric_first_last(&out, "eval/loss");
             println!("{mode:>15} {epochs} epoch(s), {steps} steps: eval accuracy {acc:.4}, eval loss {loss:.4}");

@@ -106,3 +106,25 @@ impl Lcg {
         ((self.0 >> 33) as usize) % k
     }
 }
+
+/// Runs `rlhf <command…> --set s --set s …`, settings in order (a later one overrides).
+pub fn run_with_sets<S: AsRef<str>>(command: &[&str], sets: &[S]) -> std::process::Output {
+    let mut args: Vec<&str> = command.to_vec();
+    for s in sets {
+        args.push("--set");
+        args.push(s.as_ref());
+    }
+    run_rlhf(&args)
+}
+
+/// Writes `train.jsonl` and `eval.jsonl` into `dir` and returns their paths.
+pub fn write_train_eval(
+    dir: &std::path::Path,
+    train: &[serde_json::Value],
+    eval: &[serde_json::Value],
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (tp, ep) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
+    write_jsonl(&tp, train);
+    write_jsonl(&ep, eval);
+    (tp, ep)
+}
