@@ -259,6 +259,7 @@ pub fn generate(
             ids: Tensor::from_vec(fed, (active.len(), 1), &Device::Cpu)?,
             position_ids,
             attn_bias: ops::attention_bias(&key_mask, 1, mc.sliding_window)?,
+            path: ops::default_path(),
         };
         let hidden = model.forward_hidden(&inp, Some(&mut cache))?;
         logits = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?;

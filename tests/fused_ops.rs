@@ -107,3 +107,128 @@ fn fast_and_reference_paths_agree_on_every_family() {
         }
     }
 }
+
+/// Σ (out ⊙ probe) for a fixed random probe: a scalar whose gradient reaches every input.
+fn probe_loss(out: &Tensor, seed: u64) -> Tensor {
+    let n = out.elem_count();
+    let mut lcg = seed;
+    let probe: Vec<f32> = (0..n)
+        .map(|_| {
+            lcg = lcg
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((lcg >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    let probe = Tensor::from_vec(probe, out.shape(), out.device()).unwrap();
+    (out * probe).unwrap().sum_all().unwrap()
+}
+
+fn var(shape: &[usize], scale: f64) -> Var {
+    let t = (Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap() * scale).unwrap();
+    Var::from_tensor(&t).unwrap()
+}
+
+/// Values and gradients of every input of `fast` and `reference` agree within 1e-4 relative.
+fn assert_same(name: &str, inputs: &[&Var], fast: Tensor, reference: Tensor) {
+    let e = rel_err(&fast, &reference);
+    assert!(e < 1e-5, "{name}: values differ by {e}");
+    let gf = probe_loss(&fast, 7).backward().unwrap();
+    let gr = probe_loss(&reference, 7).backward().unwrap();
+    for (i, v) in inputs.iter().enumerate() {
+        let (a, b) = (gf.get(v.as_tensor()), gr.get(v.as_tensor()));
+        let (a, b) = (a.expect("fast gradient"), b.expect("reference gradient"));
+        let e = rel_err(a, b);
+        assert!(e < 1e-4, "{name}: gradient of input {i} differs by {e}");
+    }
+}
+
+#[test]
+fn fused_norms_match_the_reference() {
+    let (x, w, b) = (var(&[3, 5, 40], 2.0), var(&[40], 1.0), var(&[40], 1.0));
+    let x_shifted = Var::from_tensor(&(x.as_tensor() + 3.0).unwrap()).unwrap();
+    assert_same(
+        "rms_norm",
+        &[&x, &w],
+        ops::norm::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+        ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5).unwrap(),
+    );
+    // A large mean, where a one-pass variance would lose precision.
+    assert_same(
+        "layer_norm",
+        &[&x_shifted, &w, &b],
+        ops::norm::layer_norm(x_shifted.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap(),
+        ops::layer_norm(x_shifted.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap(),
+    );
+}
+
+#[test]
+fn fused_activations_match_the_reference() {
+    use rlhf::model::config::Activation;
+    // Values out to ±12, where σ and tanh saturate.
+    let (g, u) = (var(&[4, 7, 33], 4.0), var(&[4, 7, 33], 1.0));
+    assert_same(
+        "swiglu",
+        &[&g, &u],
+        ops::activation::swiglu(g.as_tensor(), u.as_tensor()).unwrap(),
+        (ops::activation(g.as_tensor(), Activation::Silu).unwrap() * u.as_tensor()).unwrap(),
+    );
+    assert_same(
+        "gelu_tanh",
+        &[&g],
+        ops::activation::gelu_tanh(g.as_tensor()).unwrap(),
+        ops::activation(g.as_tensor(), Activation::GeluTanh).unwrap(),
+    );
+}
+
+#[test]
+fn fused_rope_matches_the_reference() {
+    let (b, t, n, hd) = (2, 9, 3, 16);
+    let x = var(&[b, t, n, hd], 1.0);
+    let inv_freq: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    // Left padding in row 1: positions as generate derives them.
+    let mask = vec![vec![1u8; t], [vec![0u8; 3], vec![1u8; t - 3]].concat()];
+    let (cos, sin) = ops::rope_tables(&inv_freq, &ops::position_ids_from_mask(&mask)).unwrap();
+    assert_same(
+        "rope",
+        &[&x],
+        ops::OpsPath::Fast.rope(x.as_tensor(), &cos, &sin).unwrap(),
+        ops::OpsPath::Reference
+            .rope(x.as_tensor(), &cos, &sin)
+            .unwrap(),
+    );
+}
+
+/// Attention on strided views (as the projections produce them), grouped heads, left padding,
+/// more queries than one block, a window, and queries that see cached keys (S > T).
+#[test]
+fn fused_attention_matches_the_reference() {
+    let cases: [(usize, usize, usize, usize, usize, Option<usize>); 4] = [
+        // (B, H, KV, T, S, window)
+        (2, 4, 2, 70, 70, None),
+        (3, 3, 1, 150, 150, Some(20)),
+        (2, 2, 2, 5, 12, None),
+        (2, 6, 3, 1, 9, None),
+    ];
+    for (case, &(b, h, kv, t, s, window)) in cases.iter().enumerate() {
+        let hd = 8;
+        // Projections' layout [B, T, heads, hd], seen as [B, heads, T, hd].
+        let q = var(&[b, t, h, hd], 1.0);
+        let k = var(&[b, s, kv, hd], 1.0);
+        let v = var(&[b, s, kv, hd], 1.0);
+        let mask: Vec<Vec<u8>> = (0..b)
+            .map(|row| (0..s).map(|j| u8::from(j >= 2 * row)).collect())
+            .collect();
+        let bias = ops::attention_bias(&mask, t, window).unwrap();
+        let view = |x: &Var| x.as_tensor().transpose(1, 2).unwrap();
+        let (qv, kv_, vv) = (view(&q), view(&k), view(&v));
+        assert_same(
+            &format!("attention case {case}"),
+            &[&q, &k, &v],
+            ops::attention::attention(&qv, &kv_, &vv, &bias, 0.3).unwrap(),
+            ops::attention(&qv, &kv_, &vv, &bias, 0.3).unwrap(),
+        );
+    }
+}

@@ -3,15 +3,16 @@
 # DPO at several β, PPO against a learned reward model at several KL coefficients, and PPO on the
 # ground-truth reward. Run from the repository root after scripts/fetch-assets.sh.
 # Knobs: BETAS, KLS (empty: no PPO against the learned RM), EPISODES (PPO), DPO_STEPS, EVAL_PROMPTS,
-# DPO_LR, PREF_PROMPTS (training prompts sampled for preference data; default all 999). Outputs under out/frontier/ and the
+# DPO_LR, DPO_SCHED, PREF_PROMPTS (training prompts sampled for preference data; default all 999). Outputs under out/frontier/ and the
 # summary (results.csv, reward_vs_kl.svg, report.md) in experiments/sentiment-frontier/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BETAS="${BETAS:-0.05 0.1 0.5 1.0}"
 KLS="${KLS-0.02 0.05 0.1 0.2}"
 EPISODES="${EPISODES:-1600}"
-DPO_STEPS="${DPO_STEPS:-100}"
-DPO_LR="${DPO_LR:-1e-5}"
+DPO_STEPS="${DPO_STEPS:-120}"
+DPO_LR="${DPO_LR:-3e-5}"
+DPO_SCHED="${DPO_SCHED:-constant}"
 EVAL_PROMPTS="${EVAL_PROMPTS:-160}"
 PREF_PROMPTS="${PREF_PROMPTS:-100000}"
 O=out/frontier
@@ -32,7 +33,7 @@ head -n "$PREF_PROMPTS" data/review-prompts-train.jsonl > "$O/pref-prompts.jsonl
 POLICIES="\"sft=$SFT\""
 for b in $BETAS; do
   [ -e "$O/dpo-$b/model.safetensors" ] || $B dpo --set model=\"$SFT\" --set train_file=\"$O/pairs.jsonl\" \
-      --set output_dir=\"$O/dpo-$b\" --set beta=$b --set max_steps=$DPO_STEPS --set learning_rate=$DPO_LR \
+      --set output_dir=\"$O/dpo-$b\" --set beta=$b --set max_steps=$DPO_STEPS --set learning_rate=$DPO_LR --set lr_scheduler_type=\"$DPO_SCHED\" \
       --set per_device_train_batch_size=8 --set save_steps=0
   POLICIES="$POLICIES, \"dpo-beta$b=$O/dpo-$b\""
 done

@@ -9,7 +9,6 @@ use super::config::ModelConfig;
 use super::linear::Linear;
 use super::weights::WeightMap;
 use super::{KvCache, ParamCollector, StepInputs};
-use crate::ops;
 
 struct Norm {
     weight: Tensor,
@@ -138,14 +137,14 @@ impl Gpt2 {
         let pos = Tensor::from_vec(pos, b * t, inp.ids.device())?;
         let tok = self.wte.index_select(&inp.ids.flatten_all()?, 0)?;
         let mut x = (tok + self.wpe.index_select(&pos, 0)?)?.reshape((b, t, d))?;
+        let path = inp.path;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let hn = ops::layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
+            let hn = path.layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
             let qkv = blk.c_attn.forward(&hn)?;
             let split = |j: usize| -> candle_core::Result<Tensor> {
                 qkv.narrow(D::Minus1, j * d, d)?
                     .reshape((b, t, h, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()
+                    .transpose(1, 2)
             };
             let (q, k, v) = (split(0)?, split(1)?, split(2)?);
             let (k, v) = match cache.as_deref_mut() {
@@ -156,13 +155,13 @@ impl Gpt2 {
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }
-            let a = ops::attention(&q, &k, &v, &inp.attn_bias, scale)?;
+            let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
             x = (x + blk.c_proj.forward(&a)?)?;
-            let hn = ops::layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
-            let m = ops::activation(&blk.c_fc.forward(&hn)?, cfg.activation)?;
+            let hn = path.layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
+            let m = path.activation(&blk.c_fc.forward(&hn)?, cfg.activation)?;
             x = (x + blk.mlp_proj.forward(&m)?)?;
         }
-        ops::layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, cfg.norm_eps)
+        path.layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, cfg.norm_eps)
     }
 
     pub fn lm_head_weight(&self) -> &Tensor {

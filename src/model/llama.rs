@@ -120,26 +120,28 @@ impl Llama {
             .embed
             .index_select(&inp.ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?;
+        let path = inp.path;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let hn = ops::rms_norm(&x, &blk.attn_norm, cfg.norm_eps)?;
-            let heads = |l: &Linear, n: usize| -> candle_core::Result<Tensor> {
-                l.forward(&hn)?.reshape((b, t, n, hd))?.transpose(1, 2)
-            };
-            let q = ops::apply_rope(&heads(&blk.attn.q, h)?, &cos, &sin)?;
-            let k = ops::apply_rope(&heads(&blk.attn.k, kv)?, &cos, &sin)?;
-            let v = heads(&blk.attn.v, kv)?;
+            let hn = path.rms_norm(&x, &blk.attn_norm, cfg.norm_eps)?;
+            let heads = |l: &Linear, n: usize| l.forward(&hn)?.reshape((b, t, n, hd));
+            let q = path.rope(&heads(&blk.attn.q, h)?, &cos, &sin)?;
+            let k = path.rope(&heads(&blk.attn.k, kv)?, &cos, &sin)?;
+            let v = heads(&blk.attn.v, kv)?.transpose(1, 2)?;
             let (k, v) = match cache.as_deref_mut() {
                 Some(c) => c.append(i, &k, &v)?,
                 None => (k, v),
             };
-            let a = ops::attention(&q, &k, &v, &inp.attn_bias, scale)?;
+            let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
             x = (x + blk.attn.o.forward(&a)?)?;
-            let hn = ops::rms_norm(&x, &blk.mlp_norm, cfg.norm_eps)?;
-            let gate = ops::activation(&blk.mlp.gate.forward(&hn)?, cfg.activation)?;
+            let hn = path.rms_norm(&x, &blk.mlp_norm, cfg.norm_eps)?;
+            let gate = blk.mlp.gate.forward(&hn)?;
             let up = blk.mlp.up.forward(&hn)?;
-            x = (x + blk.mlp.down.forward(&(gate * up)?)?)?;
+            x = (x + blk
+                .mlp
+                .down
+                .forward(&path.gated(&gate, &up, cfg.activation)?)?)?;
         }
-        ops::rms_norm(&x, &self.norm, cfg.norm_eps)
+        path.rms_norm(&x, &self.norm, cfg.norm_eps)
     }
 
     /// The unembedding matrix [V, D].

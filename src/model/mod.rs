@@ -22,6 +22,8 @@ pub struct StepInputs {
     pub ids: Tensor,
     pub position_ids: Vec<Vec<u32>>,
     pub attn_bias: Tensor,
+    /// Fused kernels or the composed reference (`RLHF_OPS`, default fused).
+    pub path: ops::OpsPath,
 }
 
 impl StepInputs {
@@ -61,6 +63,7 @@ impl StepInputs {
             ids: Tensor::from_vec(flat, (ids.len(), t), &candle_core::Device::Cpu)?,
             position_ids: ops::position_ids_from_mask(mask),
             attn_bias: ops::attention_bias(mask, t, cfg.sliding_window)?,
+            path: ops::default_path(),
         })
     }
 }
@@ -80,6 +83,7 @@ impl StepInputs {
             ids: Tensor::from_vec(flat, (ids.len(), t), &candle_core::Device::Cpu)?,
             position_ids: ops::segment_position_ids(segments),
             attn_bias: ops::segment_attention_bias(segments, cfg.sliding_window)?,
+            path: ops::default_path(),
         })
     }
 }
@@ -339,7 +343,8 @@ impl CausalLm {
         for (s, &st) in seqs.iter().zip(starts) {
             mask.extend((1..t).map(|i| f32::from(u8::from(i >= st && i < s.len()))));
         }
-        let inp = StepInputs::right_padded(&self.config, seqs)?;
+        let mut inp = StepInputs::right_padded(&self.config, seqs)?;
+        inp.path = path;
         let hidden = self.forward_hidden(&inp, None)?.narrow(1, 0, t - 1)?;
         let lp = self.token_logprobs(&hidden, &inp.ids.narrow(1, 1, t - 1)?, path)?;
         let mask = Tensor::from_vec(mask, (seqs.len(), t - 1), &candle_core::Device::Cpu)?;

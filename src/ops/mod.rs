@@ -2,7 +2,12 @@
 //! differentiates them (candle-nn's fused versions have no backward). These are the reference
 //! implementations; faster fused kernels must match them.
 
+pub mod activation;
+pub mod attention;
+mod kernel;
 pub mod lm_head;
+pub mod norm;
+pub mod rope;
 
 /// Which implementation of the fused operations to use. The reference path is the composed,
 /// obviously-correct one the fast kernels are tested against.
@@ -24,6 +29,77 @@ pub fn default_path() -> OpsPath {
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::model::config::Activation;
+
+/// The model's operations on the chosen path. The fused kernels take f32 CPU tensors; anything
+/// else runs the reference composition.
+impl OpsPath {
+    fn fused(self, x: &Tensor) -> bool {
+        self == OpsPath::Fast && x.dtype() == DType::F32 && x.device().is_cpu()
+    }
+
+    pub fn rms_norm(self, x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+        if self.fused(x) {
+            norm::rms_norm(x, weight, eps)
+        } else {
+            rms_norm(x, weight, eps)
+        }
+    }
+
+    pub fn layer_norm(
+        self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        eps: f64,
+    ) -> Result<Tensor> {
+        if self.fused(x) {
+            norm::layer_norm(x, weight, bias, eps)
+        } else {
+            layer_norm(x, weight, bias, eps)
+        }
+    }
+
+    /// Rotary embedding of the projection output x [B, T, n, hd]; returns heads first,
+    /// [B, n, T, hd] (a transposed view on the fast path).
+    pub fn rope(self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.fused(x) {
+            rope::rope(x, cos, sin)?.transpose(1, 2)
+        } else {
+            apply_rope(&x.transpose(1, 2)?, cos, sin)
+        }
+    }
+
+    pub fn attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        if self.fused(q) {
+            attention::attention(q, k, v, bias, scale)
+        } else {
+            attention(q, k, v, bias, scale)
+        }
+    }
+
+    /// act(x); GELU-tanh is fused.
+    pub fn activation(self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::GeluTanh if self.fused(x) => activation::gelu_tanh(x),
+            _ => activation(x, act),
+        }
+    }
+
+    /// act(gate)·up; SwiGLU (act = SiLU) is fused.
+    pub fn gated(self, gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+        match act {
+            Activation::Silu if self.fused(gate) => activation::swiglu(gate, up),
+            _ => activation(gate, act)? * up,
+        }
+    }
+}
 
 /// y = x / sqrt(mean(x²) + eps) · w   (Llama's RMSNorm, computed in f32)
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {

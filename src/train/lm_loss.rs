@@ -33,7 +33,8 @@ pub fn target_nll_sum_with(
         .flat_map(|e| (1..t).map(move |i| e.targets.get(i).copied().unwrap_or(0) as f32))
         .collect();
     let n_targets = mask.iter().filter(|&&m| m > 0.0).count();
-    let inp = StepInputs::from_segments(&model.config, &ids, &segments)?;
+    let mut inp = StepInputs::from_segments(&model.config, &ids, &segments)?;
+    inp.path = path;
     let hidden = model.forward_hidden(&inp, None)?;
     let logp = model.token_logprobs(
         &hidden.narrow(1, 0, t - 1)?,
