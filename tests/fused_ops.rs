@@ -60,8 +60,8 @@ fn fused_lm_head_logprobs_match_the_composed_reference() {
     }
 }
 
-/// On every model family, a left-padded SFT loss gives the same value and the same gradient for
-/// every parameter on the fast and reference paths.
+/// On every model family, the fast and reference paths give the same right-padded SFT loss and
+/// the same logits of a left-padded batch, and the same gradient for every parameter of each.
 #[test]
 fn fast_and_reference_paths_agree_on_every_family() {
     use rlhf::algos::sft::target_nll_sum_with;
@@ -104,6 +104,36 @@ fn fast_and_reference_paths_agree_on_every_family() {
                 gr.get(var.as_tensor()).unwrap(),
             );
             assert!(e < 1e-4, "{m}: {name} gradient relative error {e}");
+        }
+
+        // Left padding, as generation and `sequence_logprobs` batch prompts.
+        let ids = vec![
+            vec![0, 0, 0, 17, 200, 45, 9],
+            vec![33, 2, 150, 7, 81, 64, 3],
+        ];
+        let mask = vec![vec![0, 0, 0, 1, 1, 1, 1], vec![1; 7]];
+        let logits = |path: OpsPath| {
+            let mut inp =
+                rlhf::model::StepInputs::from_padded(&ck.model.config, &ids, &mask).unwrap();
+            inp.path = path;
+            ck.model.forward(&inp, None).unwrap()
+        };
+        let (lf, lr) = (logits(OpsPath::Fast), logits(OpsPath::Reference));
+        let e = rel_err(&lf, &lr);
+        assert!(e < 1e-4, "{m}: left-padded logits differ by {e}");
+        let (gf, gr) = (
+            probe_loss(&lf, 3).backward().unwrap(),
+            probe_loss(&lr, 3).backward().unwrap(),
+        );
+        for (name, var) in ck.model.parameters() {
+            let e = rel_err(
+                gf.get(var.as_tensor()).unwrap(),
+                gr.get(var.as_tensor()).unwrap(),
+            );
+            assert!(
+                e < 1e-4,
+                "{m}: left-padded {name} gradient relative error {e}"
+            );
         }
     }
 }

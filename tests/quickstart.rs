@@ -19,6 +19,8 @@ fn quickstart_smoke_runs_every_stage_and_writes_the_report() {
         "report/results.json",
         "report/reward_vs_kl.svg",
         "report/win_rate.svg",
+        "report/reward_vs_kl.png",
+        "report/win_rate.png",
         "report/samples.jsonl",
         "rm/model.safetensors",
         "ppo/model.safetensors",

@@ -41,5 +41,5 @@ rm -rf "$O/eval"
 $B eval --set "policies=[$POLICIES]" --set judge=\"vader\" --set prompt_file=\"data/review-prompts-eval.jsonl\" \
     --set max_prompts=160 --set response_length=24 --set text_file=\"$O/heldout.jsonl\" --set max_texts=200 \
     --set output_dir=\"$O/eval\"
-cp "$O/eval/report.md" "$O/eval/reward_vs_kl.svg" "$O/eval/win_rate.svg" "$O/eval/results.json" "$R/"
+cp "$O/eval/report.md" "$O/eval/reward_vs_kl.svg" "$O/eval/win_rate.svg" "$O/eval/"*.png "$O/eval/results.json" "$R/"
 echo "wrote $R/"

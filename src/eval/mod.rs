@@ -453,30 +453,35 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
         .iter()
         .map(|r| (r.name.clone(), r.name.clone(), r.kl, r.mean_reward))
         .collect();
-    crate::io::write_atomic(
-        &out.join("reward_vs_kl.svg"),
-        plot::scatter(
+    write_chart(
+        out,
+        "reward_vs_kl",
+        &plot::scatter(
             "Reward vs KL to the reference",
             "KL(π‖π_ref), nats per response",
             "mean reward (judge)",
             &points,
-        )
-        .as_bytes(),
+        ),
     )?;
     let bars: Vec<(String, f64, f64, f64)> = report
         .results
         .iter()
         .map(|r| (r.name.clone(), r.win_rate, r.win_low, r.win_high))
         .collect();
-    crate::io::write_atomic(
-        &out.join("win_rate.svg"),
-        plot::bars(
+    write_chart(
+        out,
+        "win_rate",
+        &plot::bars(
             &format!("Win rate vs {} (95% Wilson interval)", report.baseline),
             "win rate",
             &bars,
             Some(0.5),
-        )
-        .as_bytes(),
-    )?;
-    Ok(())
+        ),
+    )
+}
+
+/// `<name>.svg` and its PNG rendering `<name>.png`.
+pub fn write_chart(out: &std::path::Path, name: &str, svg: &str) -> Result<()> {
+    crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
+    crate::io::write_atomic(&out.join(format!("{name}.png")), &plot::png(svg)?)
 }

@@ -1,5 +1,6 @@
 //! Small self-contained SVG charts for reports: a labelled scatter (e.g. reward vs KL) and bars
-//! with 95% intervals (e.g. win rates). No fonts or rasteriser needed; any browser shows them.
+//! with 95% intervals (e.g. win rates); any browser shows them. `png` rasterises one with resvg
+//! and an embedded DejaVu Sans, for viewers that do not show SVG — no system fonts needed.
 
 use std::fmt::Write;
 
@@ -232,6 +233,38 @@ pub fn bars(
     svg
 }
 
+/// The chart rasterised at twice its SVG size.
+pub fn png(svg: &str) -> anyhow::Result<Vec<u8>> {
+    use resvg::{tiny_skia, usvg};
+    static FONTS: std::sync::OnceLock<std::sync::Arc<usvg::fontdb::Database>> =
+        std::sync::OnceLock::new();
+    let fonts = FONTS.get_or_init(|| {
+        let mut db = usvg::fontdb::Database::new();
+        db.load_font_data(dejavu::sans::regular().to_vec());
+        db.set_sans_serif_family("DejaVu Sans");
+        std::sync::Arc::new(db)
+    });
+    let options = usvg::Options {
+        fontdb: fonts.clone(),
+        font_family: "DejaVu Sans".into(),
+        ..Default::default()
+    };
+    let tree = usvg::Tree::from_str(svg, &options)?;
+    let scale = 2.0;
+    let size = tree
+        .size()
+        .to_int_size()
+        .scale_by(scale)
+        .expect("chart size");
+    let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).expect("chart size");
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_scale(scale, scale),
+        &mut pixmap.as_mut(),
+    );
+    Ok(pixmap.encode_png()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,5 +301,27 @@ mod tests {
         assert!(s.contains("ppo") && s.contains("a&lt;b") && s.contains(">KL<"));
         let b = bars("w", "win rate", &[("ppo".into(), 0.7, 0.6, 0.8)], Some(0.5));
         assert!(b.contains("stroke-dasharray") && b.contains(">ppo<"));
+    }
+
+    /// The PNG has the chart's size and its text is drawn: a chart whose only difference is a
+    /// longer title rasterises to more dark pixels.
+    #[test]
+    fn png_rasterises_shapes_and_text() {
+        let dark = |svg: &str| {
+            let png = png(svg).unwrap();
+            let img = resvg::tiny_skia::Pixmap::decode_png(&png).unwrap();
+            assert_eq!((img.width(), img.height()), (2 * W as u32, 2 * H as u32));
+            img.pixels().iter().filter(|p| p.red() < 128).count()
+        };
+        let points = [("ppo".to_string(), "x".to_string(), 1.0, 0.5)];
+        let short = dark(&scatter("t", "KL", "reward", &points));
+        let long = dark(&scatter(
+            "title with many more letters",
+            "KL",
+            "reward",
+            &points,
+        ));
+        assert!(short > 1000, "axes and labels drawn: {short} dark pixels");
+        assert!(long > short + 200, "title text drawn: {long} vs {short}");
     }
 }

@@ -193,6 +193,9 @@ impl CustomOp3 for Attention {
                         let bias_rows = &bias[(bi * t + q0) * s..(bi * t + q0 + rows) * s];
                         let (lo, end) = visible_keys(bias_rows, s);
                         let n = end - lo;
+                        if n == 0 {
+                            continue; // every key hidden: output 0 (the masks never do this)
+                        }
                         let at = (bi, hi, kvh, q0, rows);
                         block_scores(&mut p, &q, &k, bias_rows, dims, at, (lo, n), self.scale);
                         for (r, row) in p[..rows * n].chunks_exact_mut(n).enumerate() {
@@ -319,6 +322,9 @@ impl Attention {
                     let bias_rows = &bias[(bi * t + q0) * s..(bi * t + q0 + rows) * s];
                     let (lo, end) = visible_keys(bias_rows, s);
                     let n = end - lo;
+                    if n == 0 {
+                        continue;
+                    }
                     block_scores(
                         &mut p,
                         &q,
