@@ -262,3 +262,18 @@ fn fused_attention_matches_the_reference() {
         );
     }
 }
+
+/// The few-rows product on every tile remainder (rows and columns not multiples of 4, K not a
+/// multiple of 8), values and both gradients.
+#[test]
+fn skinny_matmul_matches_matmul() {
+    for (m, k, n) in [(16, 64, 256), (5, 37, 131), (1, 8, 3), (32, 100, 70)] {
+        let (x, w) = (var(&[m, k], 1.0), var(&[n, k], 1.0));
+        assert_same(
+            &format!("skinny {m}x{k}x{n}"),
+            &[&x, &w],
+            ops::skinny::matmul_t(x.as_tensor(), w.as_tensor()).unwrap(),
+            x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap(),
+        );
+    }
+}

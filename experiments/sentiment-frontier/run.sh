@@ -4,7 +4,7 @@
 # ground-truth reward. Run from the repository root after scripts/fetch-assets.sh.
 # Knobs: BETAS, KLS (empty: no PPO against the learned RM), EPISODES (PPO), DPO_STEPS, EVAL_PROMPTS,
 # DPO_LR, DPO_SCHED, PREF_PROMPTS (training prompts sampled for preference data; default all 999). Outputs under out/frontier/ and the
-# summary (results.csv, reward_vs_kl.svg, report.md) in experiments/sentiment-frontier/results/.
+# summary (results.csv, reward_vs_kl.{svg,png}, win_rate.{svg,png}, report.md) in experiments/sentiment-frontier/results/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BETAS="${BETAS:-0.05 0.1 0.5 1.0}"
@@ -49,7 +49,7 @@ rm -rf "$O/eval"
 $B eval --set "policies=[$POLICIES]" --set judge=\"vader\" --set prompt_file=\"data/review-prompts-eval.jsonl\" \
     --set max_prompts=$EVAL_PROMPTS --set response_length=24 --set text_file=\"data/reviews-eval.jsonl\" \
     --set output_dir=\"$O/eval\"
-cp "$O/eval/report.md" "$O/eval/reward_vs_kl.svg" "$O/eval/results.json" "$R/"
+cp "$O/eval/report.md" "$O/eval/"*.svg "$O/eval/"*.png "$O/eval/results.json" "$R/"
 python3 - "$R/results.json" > "$R/results.csv" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -57,4 +57,4 @@ print("policy,kl_nats,mean_reward,reward_sem,win_rate_vs_sft,win_low,win_high,pe
 for x in r["results"]:
     print(",".join(str(x[k]) for k in ["name", "kl", "mean_reward", "reward_sem", "win_rate", "win_low", "win_high", "perplexity", "cloze_accuracy"]))
 PY
-echo "wrote $R/results.csv, $R/reward_vs_kl.svg, $R/report.md"
+echo "wrote $R/results.csv, $R/reward_vs_kl.png, $R/report.md"

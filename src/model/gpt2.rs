@@ -140,7 +140,7 @@ impl Gpt2 {
         let path = inp.path;
         for (i, blk) in self.blocks.iter().enumerate() {
             let hn = path.layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
-            let qkv = blk.c_attn.forward(&hn)?;
+            let qkv = blk.c_attn.forward(&hn, path)?;
             let split = |j: usize| -> candle_core::Result<Tensor> {
                 qkv.narrow(D::Minus1, j * d, d)?
                     .reshape((b, t, h, hd))?
@@ -156,10 +156,10 @@ impl Gpt2 {
                 scale /= (i + 1) as f64;
             }
             let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
-            x = (x + blk.c_proj.forward(&a)?)?;
+            x = (x + blk.c_proj.forward(&a, path)?)?;
             let hn = path.layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
-            let m = path.activation(&blk.c_fc.forward(&hn)?, cfg.activation)?;
-            x = (x + blk.mlp_proj.forward(&m)?)?;
+            let m = path.activation(&blk.c_fc.forward(&hn, path)?, cfg.activation)?;
+            x = (x + blk.mlp_proj.forward(&m, path)?)?;
         }
         path.layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, cfg.norm_eps)
     }

@@ -1,5 +1,7 @@
 use candle_core::{Result, Tensor};
 
+use crate::ops::OpsPath;
+
 /// y = x·Wᵀ + b with W stored [out, in] (torch.nn.Linear's layout).
 #[derive(Clone)]
 pub struct Linear {
@@ -8,13 +10,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, path: OpsPath) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (rows, inp) = (
             dims[..dims.len() - 1].iter().product::<usize>(),
             dims[dims.len() - 1],
         );
-        let y = x.reshape((rows, inp))?.matmul(&self.weight.t()?)?;
+        let y = path.matmul_t(&x.reshape((rows, inp))?, &self.weight)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

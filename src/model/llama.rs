@@ -123,7 +123,7 @@ impl Llama {
         let path = inp.path;
         for (i, blk) in self.blocks.iter().enumerate() {
             let hn = path.rms_norm(&x, &blk.attn_norm, cfg.norm_eps)?;
-            let heads = |l: &Linear, n: usize| l.forward(&hn)?.reshape((b, t, n, hd));
+            let heads = |l: &Linear, n: usize| l.forward(&hn, path)?.reshape((b, t, n, hd));
             let q = path.rope(&heads(&blk.attn.q, h)?, &cos, &sin)?;
             let k = path.rope(&heads(&blk.attn.k, kv)?, &cos, &sin)?;
             let v = heads(&blk.attn.v, kv)?.transpose(1, 2)?;
@@ -132,14 +132,14 @@ impl Llama {
                 None => (k, v),
             };
             let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
-            x = (x + blk.attn.o.forward(&a)?)?;
+            x = (x + blk.attn.o.forward(&a, path)?)?;
             let hn = path.rms_norm(&x, &blk.mlp_norm, cfg.norm_eps)?;
-            let gate = blk.mlp.gate.forward(&hn)?;
-            let up = blk.mlp.up.forward(&hn)?;
+            let gate = blk.mlp.gate.forward(&hn, path)?;
+            let up = blk.mlp.up.forward(&hn, path)?;
             x = (x + blk
                 .mlp
                 .down
-                .forward(&path.gated(&gate, &up, cfg.activation)?)?)?;
+                .forward(&path.gated(&gate, &up, cfg.activation)?, path)?)?;
         }
         path.rms_norm(&x, &self.norm, cfg.norm_eps)
     }

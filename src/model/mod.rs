@@ -235,7 +235,9 @@ impl CausalLm {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let mut out = dims;
         *out.last_mut().unwrap() = w.dim(0)?;
-        hidden.reshape((rows, d))?.matmul(&w.t()?)?.reshape(out)
+        ops::default_path()
+            .matmul_t(&hidden.reshape((rows, d))?, w)?
+            .reshape(out)
     }
 
     /// log π(targets[b, t] | hidden[b, t]) for hidden states [B, T, D] and targets [B, T] → [B, T].

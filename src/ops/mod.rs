@@ -8,6 +8,7 @@ mod kernel;
 pub mod lm_head;
 pub mod norm;
 pub mod rope;
+pub mod skinny;
 
 /// Which implementation of the fused operations to use. The reference path is the composed,
 /// obviously-correct one the fast kernels are tested against.
@@ -81,6 +82,15 @@ impl OpsPath {
             attention::attention(q, k, v, bias, scale)
         } else {
             attention(q, k, v, bias, scale)
+        }
+    }
+
+    /// x [m, k] · wᵀ for w [n, k]; a few rows (a decoding step) skip GEMM's packing of w.
+    pub fn matmul_t(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.fused(x) && x.dim(0)? <= skinny::MAX_ROWS && w.dtype() == DType::F32 {
+            skinny::matmul_t(x, w)
+        } else {
+            x.matmul(&w.t()?)
         }
     }
 
