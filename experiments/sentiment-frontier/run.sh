@@ -39,11 +39,12 @@ for b in $BETAS; do
 done
 for k in $KLS; do
   [ -e "$O/ppo-rm-$k/model.safetensors" ] || $B ppo --config configs/ppo-smollm2-vader.toml \
-      --set reward=\"$O/rm\" --set kl_coef=$k --set total_episodes=$EPISODES --set output_dir=\"$O/ppo-rm-$k\"
+      --set reward=\"$O/rm\" --set kl_coef=$k --set total_episodes=$EPISODES --set output_dir=\"$O/ppo-rm-$k\" \
+      --set save_steps=0
   POLICIES="$POLICIES, \"ppo-rm-kl$k=$O/ppo-rm-$k\""
 done
 [ -e "$O/ppo-gt/model.safetensors" ] || $B ppo --config configs/ppo-smollm2-vader.toml \
-    --set total_episodes=$EPISODES --set output_dir=\"$O/ppo-gt\"
+    --set total_episodes=$EPISODES --set output_dir=\"$O/ppo-gt\" --set save_steps=0
 POLICIES="$POLICIES, \"ppo-gt=$O/ppo-gt\""
 rm -rf "$O/eval"
 $B eval --set "policies=[$POLICIES]" --set judge=\"vader\" --set prompt_file=\"data/review-prompts-eval.jsonl\" \

@@ -451,7 +451,7 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
     let points: Vec<(String, String, f64, f64)> = report
         .results
         .iter()
-        .map(|r| (r.name.clone(), r.name.clone(), r.kl, r.mean_reward))
+        .map(|r| (method_of(&r.name), r.name.clone(), r.kl, r.mean_reward))
         .collect();
     write_chart(
         out,
@@ -480,8 +480,31 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
     )
 }
 
+/// The method a policy name stands for, so a sweep shares one colour in the reward-vs-KL plot:
+/// a last `-`-separated part holding a digit is the setting ("dpo-beta0.1" → "dpo",
+/// "ppo-rm-kl0.02" → "ppo-rm"); other names are their own method ("ppo-gt", "sft").
+fn method_of(name: &str) -> String {
+    match name.rsplit_once('-') {
+        Some((method, setting)) if setting.chars().any(|c| c.is_ascii_digit()) => method.into(),
+        _ => name.into(),
+    }
+}
+
 /// `<name>.svg` and its PNG rendering `<name>.png`.
 pub fn write_chart(out: &std::path::Path, name: &str, svg: &str) -> Result<()> {
     crate::io::write_atomic(&out.join(format!("{name}.svg")), svg.as_bytes())?;
     crate::io::write_atomic(&out.join(format!("{name}.png")), &plot::png(svg)?)
+}
+
+#[cfg(test)]
+mod method_tests {
+    use super::method_of;
+
+    #[test]
+    fn sweeps_share_a_method() {
+        assert_eq!(method_of("dpo-beta0.1"), "dpo");
+        assert_eq!(method_of("ppo-rm-kl0.02"), "ppo-rm");
+        assert_eq!(method_of("ppo-gt"), "ppo-gt");
+        assert_eq!(method_of("sft"), "sft");
+    }
 }
