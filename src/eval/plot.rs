@@ -149,10 +149,16 @@ pub fn scatter(
     for (s, label, x, y) in points {
         let c = COLORS[series.iter().position(|n| n == s).unwrap() % COLORS.len()];
         let (px, py) = (f.px(*x), f.py(*y));
+        // A label that would run past the frame goes to the left of its point (≈6 px a letter).
+        let fits = px + 7.0 + 6.0 * label.chars().count() as f64 <= W - RIGHT;
+        let (lx, anchor) = if fits {
+            (px + 7.0, "start")
+        } else {
+            (px - 7.0, "end")
+        };
         let _ = write!(
             svg,
-            r#"<circle cx="{px:.1}" cy="{py:.1}" r="5" fill="{c}"/><text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
-            px + 7.0,
+            r#"<circle cx="{px:.1}" cy="{py:.1}" r="5" fill="{c}"/><text x="{lx:.1}" y="{:.1}" font-size="10" text-anchor="{anchor}">{}</text>"#,
             py - 6.0,
             escape(label)
         );
@@ -294,11 +300,14 @@ mod tests {
             "reward",
             &[
                 ("ppo".into(), "β=0.1".into(), 1.0, 0.5),
-                ("dpo".into(), "a<b".into(), 2.0, 0.7),
+                ("dpo".into(), "a<b, a long label".into(), 2.0, 0.7),
             ],
         );
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert!(s.contains("ppo") && s.contains("a&lt;b") && s.contains(">KL<"));
+        // The rightmost point's label is drawn leftwards, inside the frame.
+        assert!(s.contains(r#"text-anchor="end">a&lt;b, a long label<"#), "{s}");
+        assert!(s.contains(r#"text-anchor="start">β=0.1<"#), "{s}");
         let b = bars("w", "win rate", &[("ppo".into(), 0.7, 0.6, 0.8)], Some(0.5));
         assert!(b.contains("stroke-dasharray") && b.contains(">ppo<"));
     }
