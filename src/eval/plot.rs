@@ -306,7 +306,10 @@ mod tests {
         assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
         assert!(s.contains("ppo") && s.contains("a&lt;b") && s.contains(">KL<"));
         // The rightmost point's label is drawn leftwards, inside the frame.
-        assert!(s.contains(r#"text-anchor="end">a&lt;b, a long label<"#), "{s}");
+        assert!(
+            s.contains(r#"text-anchor="end">a&lt;b, a long label<"#),
+            "{s}"
+        );
         assert!(s.contains(r#"text-anchor="start">β=0.1<"#), "{s}");
         let b = bars("w", "win rate", &[("ppo".into(), 0.7, 0.6, 0.8)], Some(0.5));
         assert!(b.contains("stroke-dasharray") && b.contains(">ppo<"));

@@ -97,6 +97,16 @@ fn visible_keys(bias_rows: &[f32], s: usize) -> (usize, usize) {
     }
 }
 
+/// The query block at (batch row bi, first query q0): its row count, its bias rows, and the
+/// visible key range as (first key, number of keys).
+fn query_block(bias: &[f32], dims: Dims, bi: usize, q0: usize) -> (usize, &[f32], usize, usize) {
+    let (t, s) = (dims.t, dims.s);
+    let rows = BLOCK.min(t - q0);
+    let bias_rows = &bias[(bi * t + q0) * s..(bi * t + q0 + rows) * s];
+    let (lo, end) = visible_keys(bias_rows, s);
+    (rows, bias_rows, lo, end - lo)
+}
+
 /// Scores of one block, into `p` [rows, n]: scale·Q Kᵀ + bias over keys lo..lo+n.
 #[allow(clippy::too_many_arguments)]
 fn block_scores(
@@ -189,10 +199,7 @@ impl CustomOp3 for Attention {
                 let mut p = vec![0f32; BLOCK.min(t) * s];
                 for hi in kvh * group..(kvh + 1) * group {
                     for q0 in (0..t).step_by(BLOCK) {
-                        let rows = BLOCK.min(t - q0);
-                        let bias_rows = &bias[(bi * t + q0) * s..(bi * t + q0 + rows) * s];
-                        let (lo, end) = visible_keys(bias_rows, s);
-                        let n = end - lo;
+                        let (rows, bias_rows, lo, n) = query_block(bias, dims, bi, q0);
                         if n == 0 {
                             continue; // every key hidden: output 0 (the masks never do this)
                         }
@@ -318,10 +325,7 @@ impl Attention {
             let kv_row0 = (bi * s * kv + kvh) * hd;
             for hi in kvh * group..(kvh + 1) * group {
                 for q0 in (0..t).step_by(BLOCK) {
-                    let rows = BLOCK.min(t - q0);
-                    let bias_rows = &bias[(bi * t + q0) * s..(bi * t + q0 + rows) * s];
-                    let (lo, end) = visible_keys(bias_rows, s);
-                    let n = end - lo;
+                    let (rows, bias_rows, lo, n) = query_block(bias, dims, bi, q0);
                     if n == 0 {
                         continue;
                     }

@@ -91,6 +91,22 @@ fn backward(
     (dx, dw, db)
 }
 
+/// `backward` on tensors (made contiguous when they are not).
+fn tensor_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    centred: bool,
+    op: &str,
+) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    with_contiguous(x, op, |x| {
+        with_contiguous(w, op, |w| {
+            with_contiguous(dy, op, |dy| Ok(backward(x, w, dy, eps, centred)))
+        })
+    })
+}
+
 fn check(x: &Layout, w: &Layout, op: &str) -> Result<()> {
     let d = x.shape().dims().last().copied().unwrap_or(0);
     if w.shape().dims() != [d] {
@@ -131,12 +147,7 @@ impl CustomOp2 for RmsNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let name = self.name();
-        let (dx, dw, _) = with_contiguous(x, name, |x| {
-            with_contiguous(w, name, |w| {
-                with_contiguous(dy, name, |dy| Ok(backward(x, w, dy, self.eps, false)))
-            })
-        })?;
+        let (dx, dw, _) = tensor_backward(x, w, dy, self.eps, false, self.name())?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
@@ -181,12 +192,7 @@ impl CustomOp3 for LayerNorm {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let name = self.name();
-        let (dx, dw, db) = with_contiguous(x, name, |x| {
-            with_contiguous(w, name, |w| {
-                with_contiguous(dy, name, |dy| Ok(backward(x, w, dy, self.eps, true)))
-            })
-        })?;
+        let (dx, dw, db) = tensor_backward(x, w, dy, self.eps, true, self.name())?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
             Some(Tensor::from_vec(dw, w.shape(), w.device())?),
