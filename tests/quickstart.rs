@@ -21,6 +21,7 @@ fn quickstart_smoke_runs_every_stage_and_writes_the_report() {
         "report/win_rate.svg",
         "report/reward_vs_kl.png",
         "report/win_rate.png",
+        "report/reward_vs_perplexity.png",
         "report/samples.jsonl",
         "rm/model.safetensors",
         "ppo/model.safetensors",

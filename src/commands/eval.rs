@@ -13,12 +13,13 @@ pub fn help_text() -> String {
 pub fn run(args: &RunArgs) -> Result<()> {
     let (table_, origin) = settings_table(args, &[EVAL_KEYS])?;
     let mut cfg: EvalConfig = extract(&table_, EVAL_KEYS, &origin)?;
-    for p in [
+    let mut paths = vec![
         &mut cfg.prompt_file,
-        &mut cfg.text_file,
         &mut cfg.output_dir,
         &mut cfg.reference,
-    ] {
+    ];
+    paths.extend(cfg.text_file.paths_mut());
+    for p in paths {
         *p = crate::io::expand_tilde(p);
     }
     let out = std::path::Path::new(&cfg.output_dir);

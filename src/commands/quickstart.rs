@@ -466,7 +466,7 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
         judge: "vader".into(),
         prompt_file: eval_prompt_file.to_string_lossy().to_string(),
         response_length: plan.response_length,
-        text_file: heldout_file.to_string_lossy().to_string(),
+        text_file: heldout_file.to_string_lossy().to_string().into(),
         output_dir: out.join("report").to_string_lossy().to_string(),
         seed: args.seed + 7,
         ..Default::default()

@@ -35,7 +35,7 @@ pub struct EvalConfig {
     pub temperature: f32,
     pub top_p: f32,
     pub seed: u64,
-    pub text_file: String,
+    pub text_file: TextFiles,
     pub max_texts: usize,
     pub cloze_min_words: usize,
     pub batch_size: usize,
@@ -57,7 +57,7 @@ impl Default for EvalConfig {
             temperature: 1.0,
             top_p: 1.0,
             seed: 0,
-            text_file: String::new(),
+            text_file: TextFiles::default(),
             max_texts: 200,
             cloze_min_words: 6,
             batch_size: 16,
@@ -130,12 +130,12 @@ pub const EVAL_KEYS: &[crate::config::KeyDoc] = &[
     crate::config::KeyDoc {
         key: "text_file",
         default: "\"\"",
-        help: "held-out text ({\"text\"} JSONL or .txt) for perplexity and cloze accuracy",
+        help: "held-out text ({\"text\"} JSONL or .txt) for perplexity and cloze accuracy; a list for several corpora",
     },
     crate::config::KeyDoc {
         key: "max_texts",
         default: "200",
-        help: "texts used from text_file",
+        help: "texts used from each text_file",
     },
     crate::config::KeyDoc {
         key: "cloze_min_words",
@@ -154,6 +154,58 @@ pub const EVAL_KEYS: &[crate::config::KeyDoc] = &[
     },
 ];
 
+/// `text_file`: one held-out corpus, or a list of them (each gets its own perplexity and cloze
+/// columns; e.g. the PPO-ptx corpus's held-out part and a corpus no model was trained on).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum TextFiles {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Default for TextFiles {
+    fn default() -> Self {
+        TextFiles::One(String::new())
+    }
+}
+
+impl From<String> for TextFiles {
+    fn from(path: String) -> Self {
+        TextFiles::One(path)
+    }
+}
+
+impl TextFiles {
+    /// The non-empty paths, in order.
+    pub fn paths_mut(&mut self) -> Vec<&mut String> {
+        match self {
+            TextFiles::One(p) => vec![p],
+            TextFiles::Many(ps) => ps.iter_mut().collect(),
+        }
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect()
+    }
+
+    pub fn paths(&self) -> Vec<&str> {
+        match self {
+            TextFiles::One(p) => vec![p.as_str()],
+            TextFiles::Many(ps) => ps.iter().map(String::as_str).collect(),
+        }
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect()
+    }
+}
+
+/// Perplexity and cloze accuracy of one policy on one held-out corpus.
+#[derive(Clone, Debug, Serialize)]
+pub struct TextScores {
+    pub file: String,
+    pub perplexity: f64,
+    pub cloze_accuracy: Option<f64>,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct PolicyResult {
     pub name: String,
@@ -165,16 +217,28 @@ pub struct PolicyResult {
     pub win_high: f64,
     pub kl: f64,
     pub response_length: f64,
+    /// On the first `text_file` (kept beside `text` so one-corpus readers need not change).
     pub perplexity: Option<f64>,
     pub cloze_accuracy: Option<f64>,
+    /// On every `text_file`, in order.
+    pub text: Vec<TextScores>,
     pub seconds: f64,
+}
+
+/// A held-out corpus, prepared once for every policy.
+struct Corpus {
+    file: String,
+    texts: usize,
+    examples: Vec<crate::data::sft::Example>,
+    cloze: Vec<text::ClozeItem>,
 }
 
 pub struct EvalReport {
     pub baseline: String,
     pub judge: String,
     pub prompts: usize,
-    pub cloze_items: usize,
+    /// (file, texts, cloze items) of each held-out corpus.
+    pub corpora: Vec<(String, usize, usize)>,
     pub results: Vec<PolicyResult>,
 }
 
@@ -238,32 +302,32 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         prompts.truncate(cfg.max_prompts);
     }
     let mut judge = crate::reward::from_spec(&cfg.judge, tok, cfg.batch_size)?;
-    let texts = if cfg.text_file.is_empty() {
-        vec![]
-    } else {
-        read_texts(&cfg.text_file, cfg.max_texts)?
-    };
-    let text_examples = if texts.is_empty() {
-        vec![]
-    } else {
+    let mut corpora = vec![];
+    for file in cfg.text_file.paths() {
+        let texts = read_texts(file, cfg.max_texts)?;
         let records: Vec<(usize, Value)> = texts
             .iter()
             .enumerate()
             .map(|(i, t)| (i + 1, json!({ "text": t })))
             .collect();
         let max_length = reference.model.config.max_position_embeddings.min(512);
-        prepare(
+        let examples = prepare(
             &records,
-            &cfg.text_file,
+            file,
             tok,
             &SftDataConfig {
                 max_length,
                 ..Default::default()
             },
         )?
-        .0
-    };
-    let cloze = text::cloze_items(&texts, tok, cfg.cloze_min_words)?;
+        .0;
+        corpora.push(Corpus {
+            file: file.to_string(),
+            texts: texts.len(),
+            examples,
+            cloze: text::cloze_items(&texts, tok, cfg.cloze_min_words)?,
+        });
+    }
     let stop_ids = reference.stop_token_ids();
     let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
 
@@ -333,16 +397,18 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         let pol_lps: Vec<Vec<f32>> = samples.iter().map(|s| s.model_logprobs.clone()).collect();
         let kl = stats::sequence_kl(&pol_lps, &ref_lps);
         let (mean_reward, reward_sem) = stats::mean_sem(&scores);
-        let perplexity = if text_examples.is_empty() {
-            None
-        } else {
-            Some(text::perplexity(&ck.model, &text_examples, cfg.batch_size)?)
-        };
-        let cloze_accuracy = if cloze.is_empty() {
-            None
-        } else {
-            Some(text::cloze_accuracy(&ck.model, &cloze, cfg.batch_size)?)
-        };
+        let mut text_scores = vec![];
+        for c in &corpora {
+            text_scores.push(TextScores {
+                file: c.file.clone(),
+                perplexity: text::perplexity(&ck.model, &c.examples, cfg.batch_size)?,
+                cloze_accuracy: if c.cloze.is_empty() {
+                    None
+                } else {
+                    Some(text::cloze_accuracy(&ck.model, &c.cloze, cfg.batch_size)?)
+                },
+            });
+        }
         for (line, (t, s)) in sample_lines.iter_mut().zip(texts_out.iter().zip(&scores)) {
             line[name.as_str()] = json!({"response": t, "score": s});
         }
@@ -357,8 +423,9 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
             kl,
             response_length: samples.iter().map(|s| s.tokens.len() as f64).sum::<f64>()
                 / samples.len().max(1) as f64,
-            perplexity,
-            cloze_accuracy,
+            perplexity: text_scores.first().map(|t| t.perplexity),
+            cloze_accuracy: text_scores.first().and_then(|t| t.cloze_accuracy),
+            text: text_scores,
             seconds: t.elapsed().as_secs_f64(),
         });
         all_scores.push(scores);
@@ -375,7 +442,10 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         baseline,
         judge: judge.describe(),
         prompts: prompts.len(),
-        cloze_items: cloze.len(),
+        corpora: corpora
+            .iter()
+            .map(|c| (c.file.clone(), c.texts, c.cloze.len()))
+            .collect(),
         results,
     };
     let out = Path::new(&cfg.output_dir);
@@ -389,15 +459,44 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |x| format!("{x:.digits$}"))
 }
 
-/// The Markdown table of a report.
+/// A corpus's short name for column headers: its file stem.
+fn corpus_label(file: &str) -> String {
+    Path::new(file)
+        .file_stem()
+        .map_or(file.to_string(), |s| s.to_string_lossy().to_string())
+}
+
+/// The Markdown table of a report: one perplexity and one cloze column per held-out corpus
+/// (named after the file when there are several).
 pub fn table(report: &EvalReport) -> String {
+    let text_headers: Vec<String> = match report.corpora.len() {
+        0 | 1 => vec!["perplexity".into(), "cloze acc.".into()],
+        _ => report
+            .corpora
+            .iter()
+            .flat_map(|(f, _, _)| {
+                let l = corpus_label(f);
+                [format!("perplexity {l}"), format!("cloze {l}")]
+            })
+            .collect(),
+    };
     let mut s = format!(
-        "| policy | reward (± s.e.) | win rate vs {} [95% CI] | KL(π‖π_ref) nats | response tokens | perplexity | cloze acc. |\n|---|---:|---:|---:|---:|---:|---:|\n",
-        report.baseline
+        "| policy | reward (± s.e.) | win rate vs {} [95% CI] | KL(π‖π_ref) nats | response tokens | {} |\n|---|---:|---:|---:|---:|{}\n",
+        report.baseline,
+        text_headers.join(" | "),
+        "---:|".repeat(text_headers.len())
     );
     for r in &report.results {
+        let text_cells: Vec<String> = if r.text.is_empty() {
+            vec!["–".into(), "–".into()]
+        } else {
+            r.text
+                .iter()
+                .flat_map(|t| [opt(Some(t.perplexity), 2), opt(t.cloze_accuracy, 3)])
+                .collect()
+        };
         s.push_str(&format!(
-            "| {} | {:.4} ± {:.4} | {:.3} [{:.3}, {:.3}] | {:.3} | {:.1} | {} | {} |\n",
+            "| {} | {:.4} ± {:.4} | {:.3} [{:.3}, {:.3}] | {:.3} | {:.1} | {} |\n",
             r.name,
             r.mean_reward,
             r.reward_sem,
@@ -406,8 +505,7 @@ pub fn table(report: &EvalReport) -> String {
             r.win_high,
             r.kl,
             r.response_length,
-            opt(r.perplexity, 2),
-            opt(r.cloze_accuracy, 3)
+            text_cells.join(" | ")
         ));
     }
     s
@@ -418,7 +516,7 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
     let md = format!(
         "# Evaluation\n\nJudge: {}. {} prompts from `{}`, one sample each (temperature {}, up to {} new tokens, seed {}). \
          Win rate: share of prompts where the policy's response scores higher than {}'s (ties ½), with the Wilson 95% interval. \
-         KL: mean over the policy's own samples of Σ_t log π − log π_ref (π_ref = `{}`), in nats per response.{}\n\n{}\n![reward vs KL](reward_vs_kl.svg)\n![win rate](win_rate.svg)\n",
+         KL: mean over the policy's own samples of Σ_t log π − log π_ref (π_ref = `{}`), in nats per response.{}\n\n{}\n![reward vs KL](reward_vs_kl.svg)\n![win rate](win_rate.svg)\n{}",
         report.judge,
         report.prompts,
         cfg.prompt_file,
@@ -427,15 +525,19 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
         cfg.seed,
         report.baseline,
         if cfg.reference.is_empty() { &report.baseline } else { &cfg.reference },
-        if cfg.text_file.is_empty() {
-            String::new()
+        report
+            .corpora
+            .iter()
+            .map(|(file, texts, items)| format!(
+                " Perplexity on {texts} held-out texts and last-word cloze accuracy on {items} sentences of `{file}`."
+            ))
+            .collect::<String>(),
+        table(report),
+        if report.corpora.is_empty() {
+            ""
         } else {
-            format!(
-                " Perplexity on {} held-out texts and last-word cloze accuracy on {} sentences of `{}`.",
-                cfg.max_texts, report.cloze_items, cfg.text_file
-            )
-        },
-        table(report)
+            "![reward vs perplexity](reward_vs_perplexity.svg)\n"
+        }
     );
     crate::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
     crate::io::write_atomic(
@@ -463,6 +565,32 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
             &points,
         ),
     )?;
+    // The alignment tax against the gain: reward vs perplexity on the first held-out corpus.
+    if let Some((file, _, _)) = report.corpora.first() {
+        let points: Vec<(String, String, f64, f64)> = report
+            .results
+            .iter()
+            .filter_map(|r| {
+                let t = r.text.first()?;
+                Some((
+                    method_of(&r.name),
+                    r.name.clone(),
+                    t.perplexity,
+                    r.mean_reward,
+                ))
+            })
+            .collect();
+        write_chart(
+            out,
+            "reward_vs_perplexity",
+            &plot::scatter(
+                "Reward vs held-out perplexity (the alignment tax)",
+                &format!("perplexity on {} (lower is better)", corpus_label(file)),
+                "mean reward (judge)",
+                &points,
+            ),
+        )?;
+    }
     let bars: Vec<(String, f64, f64, f64)> = report
         .results
         .iter()
