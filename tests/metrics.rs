@@ -194,7 +194,7 @@ fn crc32c_known_answer() {
 #[test]
 fn jsonl_lines_keys_order_and_nan() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut log = MetricsLogger::create(tmp.path(), false).unwrap();
+    let mut log = MetricsLogger::create(tmp.path(), None).unwrap();
     assert_eq!(log.jsonl_path(), tmp.path().join("metrics.jsonl"));
     log.log(
         1,
@@ -251,7 +251,7 @@ fn jsonl_lines_keys_order_and_nan() {
 #[test]
 fn rejects_reserved_and_duplicate_names() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut log = MetricsLogger::create(tmp.path(), false).unwrap();
+    let mut log = MetricsLogger::create(tmp.path(), None).unwrap();
     assert!(log.log(1, &[("step", 1.0)]).is_err());
     assert!(log.log(1, &[("a", 1.0), ("a", 2.0)]).is_err());
     log.log(1, &[("a", 1.0)]).unwrap();
@@ -263,13 +263,13 @@ fn rejects_reserved_and_duplicate_names() {
 fn append_keeps_earlier_lines_and_starts_new_event_file() {
     let tmp = tempfile::tempdir().unwrap();
     {
-        let mut log = MetricsLogger::create(tmp.path(), false).unwrap();
+        let mut log = MetricsLogger::create(tmp.path(), None).unwrap();
         log.log(1, &[("loss", 1.0)]).unwrap();
         log.log(2, &[("loss", 0.5)]).unwrap();
         // Dropped without an explicit flush: Drop must flush.
     }
     {
-        let mut log = MetricsLogger::create(tmp.path(), true).unwrap();
+        let mut log = MetricsLogger::create(tmp.path(), Some(2)).unwrap();
         log.log(3, &[("loss", 0.25)]).unwrap();
     }
     let steps: Vec<u64> = jsonl_lines(tmp.path())
@@ -298,17 +298,30 @@ fn append_keeps_earlier_lines_and_starts_new_event_file() {
     text.push_str("{\"step\":4,\"ti");
     std::fs::write(&path, text).unwrap();
     {
-        let mut log = MetricsLogger::create(tmp.path(), true).unwrap();
-        log.log(5, &[("loss", 0.125)]).unwrap();
+        let mut log = MetricsLogger::create(tmp.path(), Some(3)).unwrap();
+        log.log(4, &[("loss", 0.125)]).unwrap();
     }
     let text = std::fs::read_to_string(&path).unwrap();
     let last = text.lines().last().unwrap();
     let v: Value = serde_json::from_str(last).unwrap();
-    assert_eq!(v["step"], 5);
+    assert_eq!(v["step"], 4);
+
+    // Resuming from an earlier checkpoint drops the steps logged after it (they are redone).
+    {
+        let mut log = MetricsLogger::create(tmp.path(), Some(2)).unwrap();
+        log.log(3, &[("loss", 0.3)]).unwrap();
+        // Flushed at once, before the logger is dropped: a live reader sees the step.
+        let steps: Vec<u64> = jsonl_lines(tmp.path())
+            .iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect();
+        assert_eq!(steps, [1, 2, 3]);
+        assert_eq!(jsonl_lines(tmp.path())[2]["loss"], 0.3);
+    }
 
     // Without append the JSONL starts over.
     {
-        let mut log = MetricsLogger::create(tmp.path(), false).unwrap();
+        let mut log = MetricsLogger::create(tmp.path(), None).unwrap();
         log.log(7, &[("loss", 0.0)]).unwrap();
     }
     let steps: Vec<u64> = jsonl_lines(tmp.path())
@@ -339,7 +352,7 @@ fn event_file_round_trip() {
     ];
     let event_path;
     {
-        let mut log = MetricsLogger::create(tmp.path(), false).unwrap();
+        let mut log = MetricsLogger::create(tmp.path(), None).unwrap();
         event_path = log.event_file_path().to_path_buf();
         for (step, vals) in &logged {
             log.log(*step, vals).unwrap();
@@ -385,7 +398,7 @@ fn event_file_round_trip() {
 fn corrupted_byte_fails_crc_check() {
     let tmp = tempfile::tempdir().unwrap();
     let path = {
-        let mut log = MetricsLogger::create(tmp.path(), false).unwrap();
+        let mut log = MetricsLogger::create(tmp.path(), None).unwrap();
         log.log(1, &[("loss", 0.5), ("rewards/margins", 1.5)])
             .unwrap();
         log.event_file_path().to_path_buf()
@@ -416,7 +429,7 @@ fn errors_name_the_path() {
     // A regular file where the directory should be.
     let blocker = tmp.path().join("run");
     std::fs::write(&blocker, b"x").unwrap();
-    let err = MetricsLogger::create(&blocker, false)
+    let err = MetricsLogger::create(&blocker, None)
         .err()
         .expect("must fail");
     let msg = format!("{err:#}");

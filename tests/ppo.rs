@@ -303,10 +303,22 @@ fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
             }
         }
     }
+    // The interrupted run had logged iterations 3 and 4 after its last checkpoint.
+    std::fs::copy(full.join("metrics.jsonl"), part.join("metrics.jsonl")).unwrap();
     let resumed = ppo_with(&["--resume"], &part, &prompts, &settings);
     assert_ok(&resumed);
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
     let a = std::fs::read(full.join("model.safetensors")).unwrap();
     let b = std::fs::read(part.join("model.safetensors")).unwrap();
     assert!(a == b, "resumed PPO run ended with different weights");
+    // Their lines were replaced by the resumed run's, not repeated: one line per iteration.
+    let (f, p) = (
+        read_jsonl(&full.join("metrics.jsonl")),
+        read_jsonl(&part.join("metrics.jsonl")),
+    );
+    let steps: Vec<u64> = p.iter().map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [1, 2, 3, 4]);
+    for (x, y) in f.iter().zip(&p) {
+        assert_eq!(x["objective/scores"], y["objective/scores"]);
+    }
 }

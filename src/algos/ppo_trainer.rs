@@ -282,7 +282,7 @@ pub fn run_ppo(
             }
         }
     }
-    let mut logger = MetricsLogger::create(out, resume && state.step > 0)?;
+    let mut logger = MetricsLogger::create(out, (resume && state.step > 0).then_some(state.step))?;
     let mut samples_log = String::new();
     let mut grads = GradBuffers::new(&params);
     let pb = progress_bar(iterations, "iterations", state.step);

@@ -20,7 +20,7 @@
 //! This module has no crate-internal imports on purpose.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, ErrorKind, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,17 +46,19 @@ impl MetricsLogger {
     /// `<dir>/tensorboard/events.out.tfevents.<unix_secs>.<hostname>.rlhf`
     /// (hostname from `/etc/hostname`, or `localhost`).
     ///
-    /// With `append` (resumed runs) an existing `metrics.jsonl` is kept and extended; otherwise it
-    /// is truncated. A new event file is started in both cases; should that name already exist
-    /// (two loggers created within the same second) a numeric suffix is added, so nothing is
-    /// ever overwritten.
-    pub fn create(dir: &Path, append: bool) -> Result<Self> {
+    /// `resumed_at`: for a run resumed from the checkpoint of that step, the existing
+    /// `metrics.jsonl` keeps its lines up to that step and is extended; the lines of later steps
+    /// (logged by the interrupted run after its last checkpoint, so about to be logged again) and a
+    /// partial last line are dropped. With `None` the file starts over. A new event file is
+    /// started in both cases; should that name already exist (two loggers created within the same
+    /// second) a numeric suffix is added, so nothing is ever overwritten.
+    pub fn create(dir: &Path, resumed_at: Option<u64>) -> Result<Self> {
         let tb_dir = dir.join(TENSORBOARD_DIR);
         std::fs::create_dir_all(&tb_dir)
             .with_context(|| format!("creating metrics directory {}", tb_dir.display()))?;
 
         let jsonl_path = dir.join(JSONL_FILE);
-        let jsonl_file = open_jsonl(&jsonl_path, append)?;
+        let jsonl_file = open_jsonl(&jsonl_path, resumed_at)?;
 
         let now = SystemTime::now();
         let secs = now
@@ -143,7 +145,10 @@ impl MetricsLogger {
         put_double(&mut event, 1, wall_time);
         put_varint_field(&mut event, 2, step);
         put_bytes(&mut event, 5, &summary);
-        self.write_record(&event)
+        self.write_record(&event)?;
+        // Every step reaches the files at once, for `tail -f` and a live TensorBoard: a step is
+        // seconds of compute, a flush microseconds.
+        self.flush()
     }
 
     /// Flushes both files to the operating system.
@@ -179,29 +184,31 @@ impl Drop for MetricsLogger {
 
 /// Opens the JSONL file. In append mode, if an earlier run died mid-line, a newline is added so
 /// that the new lines stay parseable.
-fn open_jsonl(path: &Path, append: bool) -> Result<File> {
+fn open_jsonl(path: &Path, resumed_at: Option<u64>) -> Result<File> {
     let ctx = || format!("opening {}", path.display());
-    if !append {
+    let Some(resumed_at) = resumed_at else {
         return File::create(path).with_context(ctx);
-    }
-    let mut file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(path)
-        .with_context(ctx)?;
-    let len = file.metadata().with_context(ctx)?.len();
-    if len > 0 {
-        let mut last = [0u8; 1];
-        file.seek(SeekFrom::Start(len - 1))
-            .and_then(|_| file.read_exact(&mut last))
-            .with_context(|| format!("reading {}", path.display()))?;
-        if last[0] != b'\n' {
-            file.write_all(b"\n")
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-    }
-    Ok(file)
+    };
+    let kept: String = match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .split_inclusive('\n')
+            .filter(|line| {
+                line.ends_with('\n')
+                    && serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("step")?.as_u64())
+                        .is_some_and(|step| step <= resumed_at)
+            })
+            .collect(),
+        Err(e) if e.kind() == ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    // Rewritten beside and renamed over, so a crash here cannot lose the kept lines.
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept.as_bytes())
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))?;
+    OpenOptions::new().append(true).open(path).with_context(ctx)
 }
 
 /// Creates `dir/base`, or `dir/base.1`, `dir/base.2`, ... if it already exists.

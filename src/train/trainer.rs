@@ -215,7 +215,7 @@ pub fn train(
     };
     let mut optimizer = new_optimizer(cfg, params);
     let (mut state, _) = start_state(out, params, &mut optimizer, fingerprint, resume)?;
-    let mut logger = MetricsLogger::create(out, resume && state.step > 0)?;
+    let mut logger = MetricsLogger::create(out, (resume && state.step > 0).then_some(state.step))?;
     let mut grads = GradBuffers::new(params);
     let pb = progress_bar(total, "steps", state.step);
 
