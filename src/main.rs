@@ -40,6 +40,8 @@ enum Command {
     Ppo(commands::RunArgs),
     /// Sample from policies, judge them, report reward, win rate, KL, perplexity and cloze accuracy; `rlhf eval --help` lists every key.
     Eval(commands::RunArgs),
+    /// Redraw the charts of an `rlhf eval` report from its results.json (nothing is sampled again).
+    Plot(commands::eval::PlotArgs),
     /// Preference data from a judge: K samples per prompt, ranked (rankings + best/worst pairs).
     Preferences(commands::preferences::PreferencesArgs),
     /// The whole pipeline with nothing downloaded: tiny model → SFT → RM → PPO and DPO → report (about 6 minutes on 2 cores).
@@ -81,6 +83,7 @@ fn main() {
         Command::Dpo(a) => commands::dpo::run(a),
         Command::Ppo(a) => commands::ppo::run(a),
         Command::Eval(a) => commands::eval::run(a),
+        Command::Plot(a) => commands::eval::plot(a),
         Command::Preferences(a) => commands::preferences::run(a),
         Command::Quickstart(a) => commands::quickstart::run(a),
         Command::Bench(a) => commands::bench::run(a),

@@ -11,9 +11,10 @@ fn texts(path: &Path, sentences: &[&str]) {
     write_jsonl(path, &lines);
 }
 
-fn eval(dir: &Path, prompts: &Path, text_file: &str) -> Value {
+/// `rlhf eval` of the tiny llama (twice, as policies a and b) with a rule judge.
+fn run_eval(dir: &Path, prompts: &Path, text_file: &str) -> std::process::Output {
     let model = model_path("llama-tied");
-    let o = run_with_sets(
+    run_with_sets(
         &["eval"],
         &[
             format!("policies=[\"a={model}\", \"b={model}\"]"),
@@ -23,8 +24,11 @@ fn eval(dir: &Path, prompts: &Path, text_file: &str) -> Value {
             format!("text_file={text_file}"),
             format!("output_dir=\"{}\"", dir.display()),
         ],
-    );
-    assert_ok(&o);
+    )
+}
+
+fn eval(dir: &Path, prompts: &Path, text_file: &str) -> Value {
+    assert_ok(&run_eval(dir, prompts, text_file));
     serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap()
 }
 
@@ -114,19 +118,52 @@ fn a_missing_corpus_is_named() {
         &good,
         &["The council voted on the budget for the coming year today."],
     );
-    let model = model_path("llama-tied");
-    let o = run_with_sets(
-        &["eval"],
-        &[
-            format!("policies=[\"{model}\"]"),
-            "judge=\"rule:ids:100-160\"".into(),
-            format!("prompt_file=\"{}\"", prompts.display()),
-            format!("text_file=[\"{}\", \"nowhere.jsonl\"]", good.display()),
-            format!("output_dir=\"{}\"", tmp.path().join("e").display()),
-        ],
+    let o = run_eval(
+        &tmp.path().join("e"),
+        &prompts,
+        &format!("[\"{}\", \"nowhere.jsonl\"]", good.display()),
     );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("nowhere.jsonl"), "{err}");
     assert!(!tmp.path().join("e/report.md").exists());
+}
+
+#[test]
+fn plot_redraws_the_charts_from_results_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_jsonl(&prompts, &[json!({"prompt": "the cat sat"})]);
+    let novel = tmp.path().join("novel.jsonl");
+    texts(
+        &novel,
+        &["Call me a sailor who went to sea in a very old ship."],
+    );
+    let dir = tmp.path().join("e");
+    let mut results = eval(&dir, &prompts, &format!("\"{}\"", novel.display()));
+    // One prompt: the reward's standard error is NaN, written as null.
+    assert!(results["results"][0]["reward_sem"].is_null());
+    results["results"][1]["name"] = json!("renamed-policy");
+    std::fs::write(dir.join("results.json"), results.to_string()).unwrap();
+    for chart in ["reward_vs_kl", "win_rate", "reward_vs_perplexity"] {
+        std::fs::remove_file(dir.join(format!("{chart}.svg"))).unwrap();
+        std::fs::remove_file(dir.join(format!("{chart}.png"))).unwrap();
+    }
+    assert_ok(&run_rlhf(&["plot", dir.to_str().unwrap()]));
+    for chart in ["reward_vs_kl", "win_rate", "reward_vs_perplexity"] {
+        let svg = std::fs::read_to_string(dir.join(format!("{chart}.svg"))).unwrap();
+        assert!(
+            svg.contains("renamed-policy"),
+            "{chart}.svg lacks the new name"
+        );
+        assert!(dir.join(format!("{chart}.png")).exists());
+    }
+
+    let o = run_rlhf(&["plot", tmp.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("results.json") && err.lines().count() == 1,
+        "{err}"
+    );
 }

@@ -10,7 +10,7 @@
 # config, seed and reward model; the pretraining data is loaded but unused), so that run is reused.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PTX_COEFS="${PTX_COEFS:-0 0.5 2 8}"
+PTX_COEFS="${PTX_COEFS:-0 0.1 0.5 2 8}"
 EPISODES="${EPISODES:-640}"
 A="${RLHF_ASSETS:-$HOME/.cache/rlhf-assets}"
 O=out/ptx

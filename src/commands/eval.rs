@@ -34,3 +34,16 @@ pub fn run(args: &RunArgs) -> Result<()> {
     eprintln!("report written to {}", out.join("report.md").display());
     Ok(())
 }
+
+/// `rlhf plot DIR`: redraw an eval report's charts from its results.json.
+#[derive(clap::Args, Debug)]
+pub struct PlotArgs {
+    /// An `rlhf eval` output directory (holding results.json).
+    pub dir: std::path::PathBuf,
+}
+
+pub fn plot(args: &PlotArgs) -> Result<()> {
+    crate::eval::replot(&args.dir)?;
+    eprintln!("charts redrawn in {}", args.dir.display());
+    Ok(())
+}

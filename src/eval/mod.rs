@@ -199,30 +199,72 @@ impl TextFiles {
 }
 
 /// Perplexity and cloze accuracy of one policy on one held-out corpus.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct TextScores {
     pub file: String,
     pub perplexity: f64,
     pub cloze_accuracy: Option<f64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// One policy's row; results.json holds these (JSON writes a NaN as null, read back as NaN).
+#[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct PolicyResult {
     pub name: String,
     pub path: String,
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean_reward: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub reward_sem: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub win_rate: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub win_low: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub win_high: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub kl: f64,
+    #[serde(deserialize_with = "nan_if_null")]
     pub response_length: f64,
     /// On the first `text_file` (kept beside `text` so one-corpus readers need not change).
     pub perplexity: Option<f64>,
     pub cloze_accuracy: Option<f64>,
-    /// On every `text_file`, in order.
+    /// On every `text_file`, in order (absent from reports written before it existed).
+    #[serde(default)]
     pub text: Vec<TextScores>,
     pub seconds: f64,
+}
+
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// Redraws the charts of a report directory from its results.json (after renaming policies
+/// there, or to get the charts of a newer rlhf), without sampling anything again.
+pub fn replot(dir: &Path) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Saved {
+        baseline: String,
+        judge: String,
+        prompts: usize,
+        #[serde(default)]
+        corpora: Vec<(String, usize, usize)>,
+        results: Vec<PolicyResult>,
+    }
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let saved: Saved = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not the results.json of `rlhf eval`", path.display()))?;
+    write_charts(
+        &EvalReport {
+            baseline: saved.baseline,
+            judge: saved.judge,
+            prompts: saved.prompts,
+            corpora: saved.corpora,
+            results: saved.results,
+        },
+        dir,
+    )
 }
 
 /// A held-out corpus, prepared once for every policy.
@@ -546,10 +588,16 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
             "baseline": report.baseline,
             "judge": report.judge,
             "prompts": report.prompts,
+            "corpora": report.corpora,
             "results": report.results,
         }))?
         .as_bytes(),
     )?;
+    write_charts(report, out)
+}
+
+/// reward_vs_kl, win_rate and (with held-out text) reward_vs_perplexity, each as SVG and PNG.
+pub fn write_charts(report: &EvalReport, out: &Path) -> Result<()> {
     let points: Vec<(String, String, f64, f64)> = report
         .results
         .iter()
@@ -566,26 +614,29 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
         ),
     )?;
     // The alignment tax against the gain: reward vs perplexity on the first held-out corpus.
-    if let Some((file, _, _)) = report.corpora.first() {
+    if report.results.iter().any(|r| r.perplexity.is_some()) {
         let points: Vec<(String, String, f64, f64)> = report
             .results
             .iter()
             .filter_map(|r| {
-                let t = r.text.first()?;
                 Some((
                     method_of(&r.name),
                     r.name.clone(),
-                    t.perplexity,
+                    r.perplexity?,
                     r.mean_reward,
                 ))
             })
             .collect();
+        let corpus = report
+            .corpora
+            .first()
+            .map_or("held-out text".to_string(), |(f, _, _)| corpus_label(f));
         write_chart(
             out,
             "reward_vs_perplexity",
             &plot::scatter(
                 "Reward vs held-out perplexity (the alignment tax)",
-                &format!("perplexity on {} (lower is better)", corpus_label(file)),
+                &format!("perplexity on {corpus} (lower is better)"),
                 "mean reward (judge)",
                 &points,
             ),
