@@ -95,12 +95,25 @@ fn every_listed_corpus_gets_its_own_perplexity_and_cloze() {
     ] {
         assert!(report.contains(header), "{header} missing from\n{report}");
     }
-    for chart in ["reward_vs_perplexity.svg", "reward_vs_perplexity.png"] {
+    for chart in [
+        "reward_vs_perplexity.svg",
+        "reward_vs_perplexity.png",
+        "reward_vs_perplexity_news.svg",
+        "reward_vs_perplexity_news.png",
+    ] {
         assert!(
             tmp.path().join("two").join(chart).exists(),
             "{chart} missing"
         );
     }
+    assert!(
+        report.contains("](reward_vs_perplexity_news.svg)"),
+        "{report}"
+    );
+    assert!(!tmp
+        .path()
+        .join("one/reward_vs_perplexity_novel.svg")
+        .exists());
     let report_one = std::fs::read_to_string(tmp.path().join("one/report.md")).unwrap();
     assert!(
         report_one.contains("| perplexity | cloze acc. |"),

@@ -4,7 +4,7 @@
 # (plain PPO) and γ_ptx > 0 (pretraining text: Moby-Dick, public domain), evaluated for win rate vs
 # SFT, held-out perplexity and last-word cloze accuracy on unseen Moby-Dick paragraphs.
 # Run from the repository root after scripts/fetch-assets.sh and
-# experiments/sentiment-frontier/run.sh (it reuses out/frontier/rankings.jsonl and out/frontier/rm).
+# experiments/sentiment-frontier/run.sh (it reuses its reward model out/frontier/rm).
 # Knobs: PTX_COEFS (γ_ptx values; 0 is plain PPO), EPISODES, SKIP_EVAL=1 (train only).
 # γ_ptx = 0 with EPISODES=640 is exactly the sentiment-frontier run out/frontier/ppo-rm-0.05 (same
 # config, seed and reward model; the pretraining data is loaded but unused), so that run is reused.

@@ -501,6 +501,20 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |x| format!("{x:.digits$}"))
 }
 
+/// A name made of letters, digits, `-` and `_` only (the rest become `_`), for file names.
+fn file_safe(label: &str) -> String {
+    label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// A corpus's short name for column headers: its file stem.
 fn corpus_label(file: &str) -> String {
     Path::new(file)
@@ -575,11 +589,18 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
             ))
             .collect::<String>(),
         table(report),
-        if report.corpora.is_empty() {
-            ""
-        } else {
-            "![reward vs perplexity](reward_vs_perplexity.svg)\n"
-        }
+        report
+            .corpora
+            .iter()
+            .enumerate()
+            .map(|(i, (file, _, _))| match i {
+                0 => "![reward vs perplexity](reward_vs_perplexity.svg)\n".to_string(),
+                _ => {
+                    let l = file_safe(&corpus_label(file));
+                    format!("![reward vs perplexity on {l}](reward_vs_perplexity_{l}.svg)\n")
+                }
+            })
+            .collect::<String>()
     );
     crate::io::write_atomic(&out.join("report.md"), md.as_bytes())?;
     crate::io::write_atomic(
@@ -613,30 +634,44 @@ pub fn write_charts(report: &EvalReport, out: &Path) -> Result<()> {
             &points,
         ),
     )?;
-    // The alignment tax against the gain: reward vs perplexity on the first held-out corpus.
-    if report.results.iter().any(|r| r.perplexity.is_some()) {
+    // The alignment tax against the gain: reward vs perplexity, one chart per held-out corpus
+    // (`reward_vs_perplexity` for the first, `reward_vs_perplexity_<name>` for the others).
+    // Reports written before `text` existed hold only the first corpus's `perplexity`.
+    let mut corpora: Vec<(String, Vec<Option<f64>>)> = report
+        .corpora
+        .iter()
+        .enumerate()
+        .map(|(i, (file, _, _))| {
+            let per_policy = report
+                .results
+                .iter()
+                .map(|r| r.text.get(i).map(|t| t.perplexity))
+                .collect();
+            (corpus_label(file), per_policy)
+        })
+        .collect();
+    if corpora.is_empty() && report.results.iter().any(|r| r.perplexity.is_some()) {
+        let per_policy = report.results.iter().map(|r| r.perplexity).collect();
+        corpora.push(("held-out text".into(), per_policy));
+    }
+    for (i, (label, perplexities)) in corpora.iter().enumerate() {
         let points: Vec<(String, String, f64, f64)> = report
             .results
             .iter()
-            .filter_map(|r| {
-                Some((
-                    method_of(&r.name),
-                    r.name.clone(),
-                    r.perplexity?,
-                    r.mean_reward,
-                ))
-            })
+            .zip(perplexities)
+            .filter_map(|(r, p)| Some((method_of(&r.name), r.name.clone(), (*p)?, r.mean_reward)))
             .collect();
-        let corpus = report
-            .corpora
-            .first()
-            .map_or("held-out text".to_string(), |(f, _, _)| corpus_label(f));
+        let name = if i == 0 {
+            "reward_vs_perplexity".to_string()
+        } else {
+            format!("reward_vs_perplexity_{}", file_safe(label))
+        };
         write_chart(
             out,
-            "reward_vs_perplexity",
+            &name,
             &plot::scatter(
                 "Reward vs held-out perplexity (the alignment tax)",
-                &format!("perplexity on {corpus} (lower is better)"),
+                &format!("perplexity on {label} (lower is better)"),
                 "mean reward (judge)",
                 &points,
             ),
