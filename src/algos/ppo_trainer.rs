@@ -596,7 +596,6 @@ pub fn run_ppo(
         last_metrics = m;
         let last = state.step == iterations;
         if train.save_steps > 0 && (state.step.is_multiple_of(train.save_steps as u64) || last) {
-            logger.flush()?;
             state.extra = serde_json::json!({
                 "optimizer_steps": optimizer.step,
                 "kl_coef": kl_ctl.beta,
@@ -620,7 +619,6 @@ pub fn run_ppo(
         }
     }
     pb.finish_and_clear();
-    logger.flush()?;
     // The saved policy is the EMA of its weights when asked for.
     if let Some(e) = ema {
         for ((_, p), t) in policy_params.iter().zip(e.values) {

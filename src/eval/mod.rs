@@ -515,6 +515,15 @@ fn file_safe(label: &str) -> String {
         .collect()
 }
 
+/// The reward-vs-perplexity chart of the `i`-th held-out corpus: `reward_vs_perplexity` for the
+/// first, `reward_vs_perplexity_<name>` for the others.
+fn perplexity_chart(i: usize, label: &str) -> String {
+    match i {
+        0 => "reward_vs_perplexity".into(),
+        _ => format!("reward_vs_perplexity_{}", file_safe(label)),
+    }
+}
+
 /// A corpus's short name for column headers: its file stem.
 fn corpus_label(file: &str) -> String {
     Path::new(file)
@@ -593,12 +602,9 @@ fn write_report(report: &EvalReport, cfg: &EvalConfig, out: &Path) -> Result<()>
             .corpora
             .iter()
             .enumerate()
-            .map(|(i, (file, _, _))| match i {
-                0 => "![reward vs perplexity](reward_vs_perplexity.svg)\n".to_string(),
-                _ => {
-                    let l = file_safe(&corpus_label(file));
-                    format!("![reward vs perplexity on {l}](reward_vs_perplexity_{l}.svg)\n")
-                }
+            .map(|(i, (file, _, _))| {
+                let l = corpus_label(file);
+                format!("![reward vs perplexity on {l}]({}.svg)\n", perplexity_chart(i, &l))
             })
             .collect::<String>()
     );
@@ -634,8 +640,7 @@ pub fn write_charts(report: &EvalReport, out: &Path) -> Result<()> {
             &points,
         ),
     )?;
-    // The alignment tax against the gain: reward vs perplexity, one chart per held-out corpus
-    // (`reward_vs_perplexity` for the first, `reward_vs_perplexity_<name>` for the others).
+    // The alignment tax against the gain: reward vs perplexity, one chart per held-out corpus.
     // Reports written before `text` existed hold only the first corpus's `perplexity`.
     let mut corpora: Vec<(String, Vec<Option<f64>>)> = report
         .corpora
@@ -661,14 +666,9 @@ pub fn write_charts(report: &EvalReport, out: &Path) -> Result<()> {
             .zip(perplexities)
             .filter_map(|(r, p)| Some((method_of(&r.name), r.name.clone(), (*p)?, r.mean_reward)))
             .collect();
-        let name = if i == 0 {
-            "reward_vs_perplexity".to_string()
-        } else {
-            format!("reward_vs_perplexity_{}", file_safe(label))
-        };
         write_chart(
             out,
-            &name,
+            &perplexity_chart(i, label),
             &plot::scatter(
                 "Reward vs held-out perplexity (the alignment tax)",
                 &format!("perplexity on {label} (lower is better)"),

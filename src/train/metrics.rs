@@ -182,8 +182,8 @@ impl Drop for MetricsLogger {
     }
 }
 
-/// Opens the JSONL file. In append mode, if an earlier run died mid-line, a newline is added so
-/// that the new lines stay parseable.
+/// Opens the JSONL file: a fresh one, or for a resumed run the existing one cut back to the lines
+/// of steps up to `resumed_at` (a partial last line from a crash mid-write is dropped too).
 fn open_jsonl(path: &Path, resumed_at: Option<u64>) -> Result<File> {
     let ctx = || format!("opening {}", path.display());
     let Some(resumed_at) = resumed_at else {

@@ -270,7 +270,6 @@ pub fn train(
         }
         if let Some(what) = nonfinite {
             if cfg.on_nonfinite == "stop" {
-                logger.flush()?;
                 pb.abandon();
                 bail!(
                     "step {}: {what}; stopped without updating or writing a checkpoint (set on_nonfinite = \"skip\" to skip such steps)",
@@ -287,7 +286,6 @@ pub fn train(
             };
             let poisoned = optimizer.update(params, &grads, lr, scale)?;
             if !poisoned.is_empty() {
-                logger.flush()?;
                 pb.abandon();
                 bail!(
                     "step {}: the update made {} non-finite (learning rate {lr:.3e} too high?); stopped without writing a checkpoint",
@@ -346,12 +344,10 @@ pub fn train(
             }
         }
         if cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last) {
-            logger.flush()?;
             save_checkpoint(out, params, &optimizer, &state, cfg.save_total_limit, &[])?;
         }
     }
     pb.finish_and_clear();
-    logger.flush()?;
     Ok(TrainOutcome {
         steps: state.step,
         skipped_steps: state.skipped_steps,
