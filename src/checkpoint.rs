@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::io::{read_json, write_json, StagedDir};
-use crate::model::config::{token_id_list, ModelConfig};
 use crate::model::gguf::GgufFile;
+use crate::model::hparams::{token_id_list, ModelConfig};
 use crate::model::scalar_head::ScalarHead;
 use crate::model::weights::read_hf_weights;
 use crate::model::CausalLm;
-use crate::tokenize::Tokenizer;
+use crate::text::Tokenizer;
 
 /// A model with what travels with it.
 pub struct Checkpoint {

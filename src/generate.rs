@@ -148,15 +148,10 @@ pub fn generate(
         bail!("top_p must be in (0, 1], got {}", cfg.top_p);
     }
     let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if mc.family == crate::model::config::Family::Gpt2
-        && t0 + cfg.max_new_tokens > mc.max_position_embeddings
-    {
-        bail!(
-            "prompt length {t0} + max_new_tokens {} exceeds the model's {} positions",
-            cfg.max_new_tokens,
-            mc.max_position_embeddings
-        );
-    }
+    mc.check_length(
+        t0 + cfg.max_new_tokens,
+        &format!("prompt length {t0} + max_new_tokens {}", cfg.max_new_tokens),
+    )?;
     let mut samples: Vec<Sample> = prompts
         .iter()
         .map(|p| Sample {

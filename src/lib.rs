@@ -2,10 +2,8 @@
 //! Hugging Face checkpoints, CPU first.
 
 pub mod algos;
-pub mod chat;
 pub mod checkpoint;
 pub mod commands;
-pub mod config;
 pub mod data;
 pub mod eval;
 pub mod generate;
@@ -13,5 +11,7 @@ pub mod io;
 pub mod model;
 pub mod ops;
 pub mod reward;
-pub mod tokenize;
+pub mod rl;
+pub mod settings;
+pub mod text;
 pub mod train;

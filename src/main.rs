@@ -4,7 +4,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use rlhf::commands;
 
 // Large fresh tensors page-fault less with mimalloc's reuse than with the system allocator
-// (measured in shared/DESIGN.md §7: LM head 162 → ~205 GFLOP/s).
+// (measured on the LM head: 162 → ~205 GFLOP/s; bench/RESULTS.md has the current figures).
 /// `mi_option_purge_delay` in mimalloc.h (v2 and v3); libmimalloc-sys has no constant for it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -29,17 +29,17 @@ enum Command {
     /// Sample completions (batched, KV cache) for prompts.
     Generate(commands::generate::GenerateArgs),
     /// Supervised fine-tuning (SFT) from a TOML config; `rlhf sft --help` lists every key.
-    Sft(commands::sft::SftArgs),
+    Sft(commands::TrainArgs),
     /// Train a reward model on pairs or K-way rankings (InstructGPT); `rlhf rm --help` lists every key.
-    Rm(commands::RunArgs),
+    Rm(commands::TrainArgs),
     /// Scores of a reward model for a file of texts, as JSONL.
     Score(commands::score::ScoreArgs),
     /// Direct Preference Optimization and variants (IPO, cDPO, hinge, Plackett-Luce); `rlhf dpo --help` lists every key.
-    Dpo(commands::RunArgs),
+    Dpo(commands::TrainArgs),
     /// RLHF with PPO (per-token KL to the reference, PPO-ptx); `rlhf ppo --help` lists every key.
-    Ppo(commands::RunArgs),
+    Ppo(commands::TrainArgs),
     /// Sample from policies, judge them, report reward, win rate, KL, perplexity and cloze accuracy; `rlhf eval --help` lists every key.
-    Eval(commands::RunArgs),
+    Eval(commands::eval::EvalArgs),
     /// Redraw the charts of an `rlhf eval` report from its results.json (nothing is sampled again).
     Plot(commands::eval::PlotArgs),
     /// Preference data from a judge: K samples per prompt, ranked (rankings + best/worst pairs).

@@ -3,20 +3,14 @@
 //! behaviours that templates on the Hub rely on. The expected strings of the unit cases are what
 //! jinja2 + transformers print for the same template and data.
 
-use std::path::PathBuf;
-
-use rlhf::chat::{apply_chat_template, ChatTemplate};
-use rlhf::tokenize::Tokenizer;
+use rlhf::text::Tokenizer;
+use rlhf::text::{apply_chat_template, ChatTemplate};
 use serde_json::{json, Map, Value};
 
-fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+use crate::common::fixture;
 
 fn load(name: &str) -> (Tokenizer, Value) {
-    let dir = fixture_dir(name);
+    let dir = fixture(name);
     let tok = Tokenizer::from_hf_dir(&dir).unwrap();
     let golden =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();

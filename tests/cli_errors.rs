@@ -1,8 +1,7 @@
 //! Bad input gives one `error:` line naming the file, tensor or value, a non-zero exit, no panic and
 //! no partial output.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,8 +1,7 @@
 //! `rlhf convert` writes an HF directory that loads back with identical log-probs, in transformers'
 //! names and layouts (the transformers side is checked by scripts/check_roundtrip.py).
 
-mod common;
-use common::*;
+use crate::common::*;
 use rlhf::checkpoint::Checkpoint;
 use std::process::Command;
 

@@ -1,8 +1,7 @@
 //! `rlhf eval` with several held-out corpora: each gets its own perplexity and cloze columns, and
 //! a corpus's numbers do not depend on which other corpora are listed beside it.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 

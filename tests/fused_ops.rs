@@ -67,23 +67,8 @@ fn fast_and_reference_paths_agree_on_every_family() {
     use rlhf::algos::sft::target_nll_sum_with;
     use rlhf::data::sft::Example;
     use rlhf::ops::OpsPath;
-    for m in [
-        "llama-tied",
-        "llama-untied-bf16",
-        "qwen2-f16-sharded",
-        "mistral",
-        "gpt2",
-        "llama-gguf",
-    ] {
-        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/models")
-            .join(m);
-        let path = if dir.join("model.gguf").exists() {
-            dir.join("model.gguf")
-        } else {
-            dir
-        };
-        let ck = rlhf::checkpoint::Checkpoint::load(path.to_str().unwrap(), true).unwrap();
+    for &m in crate::common::MODELS {
+        let ck = rlhf::checkpoint::Checkpoint::load(&crate::common::model_path(m), true).unwrap();
         let ex = |ids: Vec<u32>| Example {
             targets: (0..ids.len()).map(|i| u8::from(i > 1)).collect(),
             segments: vec![1; ids.len()],
@@ -194,7 +179,7 @@ fn fused_norms_match_the_reference() {
 
 #[test]
 fn fused_activations_match_the_reference() {
-    use rlhf::model::config::Activation;
+    use rlhf::ops::Activation;
     // Values out to ±12, where σ and tanh saturate.
     let (g, u) = (var(&[4, 7, 33], 4.0), var(&[4, 7, 33], 1.0));
     assert_same(

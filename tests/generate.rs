@@ -1,7 +1,6 @@
 //! The KV-cache sampler against transformers' greedy `generate` and against our own full forward.
 
-mod common;
-use common::*;
+use crate::common::*;
 use rlhf::checkpoint::Checkpoint;
 use rlhf::generate::{generate, SamplingConfig};
 

@@ -1,9 +1,8 @@
 //! Every parameter of every family is trained: backward reaches all of them with finite, non-zero
 //! gradients, and a few gradient entries agree with finite differences.
 
-mod common;
+use crate::common::*;
 use candle_core::{Tensor, Var};
-use common::*;
 use rlhf::checkpoint::Checkpoint;
 use rlhf::model::{CausalLm, StepInputs};
 

@@ -1,7 +1,6 @@
 //! Log-prob and logit parity with transformers (golden files made by scripts/make_fixtures.py).
 
-mod common;
-use common::*;
+use crate::common::*;
 use rlhf::checkpoint::Checkpoint;
 use rlhf::model::StepInputs;
 

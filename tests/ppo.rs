@@ -2,8 +2,7 @@
 //! trainer's old log-probs, reward rises while KL stays bounded, β trades reward for KL, and bad
 //! rewards or prompts are caught.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use std::path::Path;
 
@@ -70,6 +69,7 @@ fn ppo_with(flags: &[&str], dir: &Path, prompts: &Path, extra: &[&str]) -> std::
         "num_ppo_epochs=2".into(),
         "save_steps=0".into(),
         "sample_every=5".into(),
+        "logging_steps=1".into(),
     ];
     sets.extend(extra.iter().map(|e| e.to_string()));
     let mut command = vec!["ppo"];
@@ -320,5 +320,94 @@ fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
     assert_eq!(steps, [1, 2, 3, 4]);
     for (x, y) in f.iter().zip(&p) {
         assert_eq!(x["objective/scores"], y["objective/scores"]);
+    }
+}
+
+/// The training keys that mean something else in an RL loop: a step is an iteration.
+#[test]
+fn training_keys_are_honoured_or_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 16);
+    let quick = ["per_device_train_batch_size=4", "num_ppo_epochs=1"];
+    // max_steps sets the iterations; logging_steps logs means every N of them (and the last).
+    let out = tmp.path().join("steps");
+    let o = ppo(
+        &out,
+        &prompts,
+        &[
+            &quick[..],
+            &["max_steps=5", "logging_steps=2", "total_episodes=1000"],
+        ]
+        .concat(),
+    );
+    assert_ok(&o);
+    let steps: Vec<u64> = read_jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [2, 4, 5]);
+    // eval_steps has no meaning here: refused before any work.
+    let out = tmp.path().join("eval");
+    let o = ppo(&out, &prompts, &[&quick[..], &["eval_steps=2"]].concat());
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("eval_steps") && err.contains("rlhf eval"),
+        "{err}"
+    );
+    assert!(!out.join("metrics.jsonl").exists());
+}
+
+/// A score penalty of 1e30 makes the value loss overflow: with on_nonfinite = "stop" the run
+/// stops naming the update, with "skip" every such update is skipped and counted.
+#[test]
+fn nonfinite_updates_stop_or_are_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 8);
+    let overflow = [
+        "per_device_train_batch_size=4",
+        "num_ppo_epochs=1",
+        "total_episodes=8",
+        // No response of 8 tokens stops, so every score is −1e30.
+        "missing_eos_penalty=1e30",
+        "whiten_advantages=false",
+        "reward=\"rule:ids:0-1\"",
+    ];
+    let out = tmp.path().join("stop");
+    let o = ppo(&out, &prompts, &overflow);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("iteration 1, update 1") && last.contains("non-finite"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+
+    let out = tmp.path().join("skip");
+    let o = ppo(
+        &out,
+        &prompts,
+        &[&overflow[..], &["on_nonfinite=\"skip\""]].concat(),
+    );
+    assert_ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("update skipped"));
+    let skipped = series(&out, "skipped_updates");
+    assert_eq!(skipped, [1.0, 1.0], "one skipped update per iteration");
+    // Nothing was applied: the saved policy is the starting one.
+    let start = rlhf::checkpoint::Checkpoint::load(&model_path("llama-tied"), false).unwrap();
+    let end = rlhf::checkpoint::Checkpoint::load(out.to_str().unwrap(), false).unwrap();
+    for ((name, a), (_, b)) in start
+        .model
+        .state_dict()
+        .unwrap()
+        .iter()
+        .zip(end.model.state_dict().unwrap().iter())
+    {
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            a.flatten_all().unwrap().to_vec1().unwrap(),
+            b.flatten_all().unwrap().to_vec1().unwrap(),
+        );
+        assert_eq!(a, b, "{name} changed");
     }
 }

@@ -2,8 +2,7 @@
 //! against a hidden lexicon reward, transformers-compatible reward-model files, DPO and its
 //! variants, the reference log-prob cache, and bad preference data.
 
-mod common;
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -470,7 +469,7 @@ fn dpo_on_labelled_samples_moves_samples_toward_the_scorer() {
     let cfg = TrainConfig {
         output_dir: tmp.path().to_string_lossy().to_string(),
         learning_rate: 3e-3,
-        lr_scheduler_type: "constant".into(),
+        lr_scheduler_type: rlhf::train::Schedule::Constant,
         max_steps: 80,
         per_device_train_batch_size: 8,
         save_steps: 0,

@@ -1,8 +1,7 @@
 //! The embedded default runs end to end (in its small smoke-test size): every stage, the report
 //! with its table and charts, no network, nothing downloaded.
 
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn quickstart_smoke_runs_every_stage_and_writes_the_report() {

@@ -1,8 +1,7 @@
 //! Supervised fine-tuning end to end on the tiny fixture models: memorisation, held-out loss,
 //! gradient accumulation, exact resume after kill -9, and bad input caught before training.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -407,10 +406,11 @@ fn sft_help_lists_every_key() {
     let o = rlhf(&["sft", "--help"]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout);
-    for d in rlhf::train::TRAIN_KEYS
+    use rlhf::settings::Section;
+    for d in rlhf::train::TrainConfig::KEYS
         .iter()
-        .chain(rlhf::data::sft::SFT_DATA_KEYS)
-        .chain(rlhf::commands::sft::RUN_KEYS)
+        .chain(rlhf::data::sft::SftDataConfig::KEYS)
+        .chain(rlhf::commands::sft::SftRunConfig::KEYS)
     {
         assert!(text.contains(d.key), "--help lacks {}", d.key);
     }

@@ -1,10 +1,9 @@
 //! SFT data preparation: assistant-token masks equal transformers' `return_assistant_tokens_mask`,
 //! completion masks, truncation counts, and packing that keeps examples apart.
 
-mod common;
-use common::*;
+use crate::common::*;
 use rlhf::data::sft::{pack, prepare, Example, SftDataConfig};
-use rlhf::tokenize::Tokenizer;
+use rlhf::text::Tokenizer;
 use serde_json::json;
 
 fn golden_tok(name: &str) -> serde_json::Value {

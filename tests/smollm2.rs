@@ -1,6 +1,6 @@
-//! Checks on the real SmolLM2-135M-Instruct GGUF (93 MB, fetched by shared/fetch-assets.sh).
+//! Checks on the real SmolLM2-135M-Instruct GGUF (93 MB, fetched by scripts/fetch-assets.sh).
 //! Ignored by default; run with
-//!   RLHF_ASSETS=~/.cache/rlhf-assets cargo test --release --test smollm2 -- --ignored
+//!   RLHF_ASSETS=~/.cache/rlhf-assets cargo test --release --test integration smollm2 -- --ignored
 
 use rlhf::checkpoint::Checkpoint;
 use rlhf::generate::{generate, SamplingConfig};
@@ -11,7 +11,7 @@ fn smollm2() -> Checkpoint {
     let path = format!("{root}/smollm2-135m-instruct/model.gguf");
     assert!(
         std::path::Path::new(&path).exists(),
-        "{path} missing: run shared/fetch-assets.sh"
+        "{path} missing: run scripts/fetch-assets.sh"
     );
     Checkpoint::load(&path, false).unwrap()
 }
@@ -29,7 +29,7 @@ fn smollm2_tokens_loss_and_greedy_answer() {
 
     let messages =
         serde_json::json!([{"role": "user", "content": "What is the capital of France?"}]);
-    let (_, prompt) = rlhf::chat::apply_chat_template(tok, &messages, true).unwrap();
+    let (_, prompt) = rlhf::text::apply_chat_template(tok, &messages, true).unwrap();
     let cfg = SamplingConfig {
         max_new_tokens: 24,
         temperature: 0.0,

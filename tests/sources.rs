@@ -1,8 +1,7 @@
 //! Model sources: a repo id found in the local Hugging Face cache layout
 //! (`models--org--name/{refs/main, snapshots/<hash>/}`), via HF_HUB_CACHE or HF_HOME.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::process::Command;
 
 fn make_cache(root: &std::path::Path, with_ref: bool) {

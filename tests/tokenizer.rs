@@ -1,17 +1,11 @@
 //! Tokenizers against transformers' goldens (tests/fixtures/tokenizer*/golden.json), and the GGUF
 //! fixture's rebuilt tokenizer against the Hugging Face one it was made from.
 
-use std::path::PathBuf;
-
 use rlhf::model::gguf::GgufFile;
-use rlhf::tokenize::Tokenizer;
+use rlhf::text::Tokenizer;
 use serde_json::Value;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
+use crate::common::fixture;
 
 fn load(name: &str) -> (Tokenizer, Value) {
     let dir = fixture(name);

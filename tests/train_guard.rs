@@ -1,13 +1,12 @@
 //! The NaN/Inf guard of the shared training loop: stop (naming the step, no checkpoint of the bad
 //! step) or skip, as configured.
 
-mod common;
-use common::*;
+use crate::common::*;
 use rlhf::algos::sft::SftTask;
 use rlhf::checkpoint::Checkpoint;
 use rlhf::data::sft::Example;
 use rlhf::model::CausalLm;
-use rlhf::train::{train, MicroBatchLoss, Task, TrainConfig};
+use rlhf::train::{train, MicroBatchLoss, OnNonFinite, Task, TrainConfig};
 
 /// SFT, except that the loss of optimizer step `bad_step` (1-based) is NaN.
 struct Poisoned {
@@ -60,7 +59,7 @@ fn task() -> Poisoned {
     }
 }
 
-fn cfg(dir: &std::path::Path, policy: &str) -> TrainConfig {
+fn cfg(dir: &std::path::Path, policy: OnNonFinite) -> TrainConfig {
     TrainConfig {
         output_dir: dir.to_string_lossy().to_string(),
         learning_rate: 1e-3,
@@ -69,7 +68,7 @@ fn cfg(dir: &std::path::Path, policy: &str) -> TrainConfig {
         save_steps: 1,
         save_total_limit: 10,
         logging_steps: 1,
-        on_nonfinite: policy.into(),
+        on_nonfinite: policy,
         ..Default::default()
     }
 }
@@ -79,7 +78,7 @@ fn nonfinite_loss_stops_the_run_naming_the_step() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::load(&model_path("llama-tied"), true).unwrap();
     let err = train(
-        &cfg(tmp.path(), "stop"),
+        &cfg(tmp.path(), OnNonFinite::Stop),
         &ck.model,
         &mut task(),
         false,
@@ -109,7 +108,7 @@ fn nonfinite_loss_can_skip_the_step() {
     let tmp = tempfile::tempdir().unwrap();
     let ck = Checkpoint::load(&model_path("llama-tied"), true).unwrap();
     let outcome = train(
-        &cfg(tmp.path(), "skip"),
+        &cfg(tmp.path(), OnNonFinite::Skip),
         &ck.model,
         &mut task(),
         false,
@@ -129,7 +128,7 @@ fn an_update_that_poisons_the_weights_stops_before_checkpointing() {
     let c = TrainConfig {
         learning_rate: 1e39,
         max_grad_norm: 0.0,
-        ..cfg(tmp.path(), "skip")
+        ..cfg(tmp.path(), OnNonFinite::Skip)
     };
     let err = train(&c, &ck.model, &mut t, false, "fp")
         .err()

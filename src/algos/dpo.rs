@@ -11,17 +11,22 @@
 //! on disk by the command), so the reference model is not in memory while the policy trains.
 
 use anyhow::{bail, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
 
 use crate::data::preference::Comparison;
 use crate::model::CausalLm;
 use crate::ops::{self, log_sigmoid, pairwise_differences};
+use crate::train::fingerprint::Fingerprint;
 use crate::train::{MicroBatchLoss, Task};
 
+/// `loss_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DpoLoss {
+    #[serde(alias = "dpo")]
     Sigmoid,
     Hinge,
     Ipo,
@@ -29,18 +34,6 @@ pub enum DpoLoss {
 }
 
 impl DpoLoss {
-    pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "sigmoid" | "dpo" => DpoLoss::Sigmoid,
-            "hinge" => DpoLoss::Hinge,
-            "ipo" => DpoLoss::Ipo,
-            "plackett_luce" => DpoLoss::PlackettLuce,
-            other => {
-                bail!("unknown loss_type `{other}`; expected sigmoid, hinge, ipo or plackett_luce")
-            }
-        })
-    }
-
     /// IPO compares token-averaged log-probs; the others whole-sequence sums.
     pub fn length_normalized(self) -> bool {
         self == DpoLoss::Ipo
@@ -52,6 +45,21 @@ pub struct DpoParams {
     pub loss: DpoLoss,
     pub beta: f64,
     pub label_smoothing: f64,
+}
+
+impl DpoParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.beta > 0.0 && self.beta.is_finite()) {
+            bail!("beta must be a positive number");
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            bail!("label_smoothing must be in [0, 0.5)");
+        }
+        if self.label_smoothing > 0.0 && self.loss != DpoLoss::Sigmoid {
+            bail!("label_smoothing applies to loss_type = \"sigmoid\" only");
+        }
+        Ok(())
+    }
 }
 
 /// Loss of one prompt. `logratios` [K] = log π(y_k|x) − log π_ref(y_k|x), completions best first.
@@ -268,6 +276,106 @@ pub fn reference_logprobs(
     Ok(out)
 }
 
+/// Reference log-probs cached on disk, keyed by a digest of the reference weights, the
+/// completions' token ids and the length normalisation: a second run on the same data skips the
+/// reference, and the reference need not be in memory while the policy trains.
+pub struct ReferenceCache {
+    dir: Option<PathBuf>,
+    weights: String,
+}
+
+/// The cache files' layout; older files are not read (they are recomputed and replaced).
+const CACHE_FORMAT: &str = "ref-logps-v2";
+
+impl ReferenceCache {
+    /// A cache in `dir` (empty: none) for `reference`'s weights.
+    pub fn new(dir: &str, reference: &CausalLm) -> Result<Self> {
+        if dir.is_empty() {
+            return Ok(ReferenceCache {
+                dir: None,
+                weights: String::new(),
+            });
+        }
+        let mut f = Fingerprint::new("weights");
+        for (name, t) in reference.state_dict()? {
+            let dims: Vec<u32> = t.dims().iter().map(|&d| d as u32).collect();
+            let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            f.bytes(name.as_bytes()).ids(&dims).floats(&values);
+        }
+        Ok(ReferenceCache {
+            dir: Some(PathBuf::from(dir)),
+            weights: f.finish(),
+        })
+    }
+
+    /// The reference log-probs of `comparisons` (see [`reference_logprobs`]), from the cache when
+    /// it has them; `what` names the set in messages.
+    pub fn logprobs(
+        &self,
+        reference: &CausalLm,
+        comparisons: &[Comparison],
+        length_normalized: bool,
+        batch_size: usize,
+        what: &str,
+    ) -> Result<Vec<Vec<f32>>> {
+        let mut key = Fingerprint::new(CACHE_FORMAT);
+        key.bytes(self.weights.as_bytes())
+            .json(&serde_json::json!(length_normalized));
+        for ids in comparisons.iter().flat_map(Comparison::token_lists) {
+            key.ids(ids);
+        }
+        let key = key.finish();
+        let path = self.dir.as_ref().map(|d| d.join(format!("{key}.json")));
+        if let Some(p) = path.as_ref().filter(|p| p.exists()) {
+            let cached = crate::io::read_json(p)
+                .ok()
+                .filter(|v| v["format"] == CACHE_FORMAT && v["key"] == key.as_str());
+            let logps: Option<Vec<Vec<f32>>> =
+                cached.and_then(|v| serde_json::from_value(v["logps"].clone()).ok());
+            match logps.filter(|l| {
+                l.len() == comparisons.len()
+                    && l.iter().zip(comparisons).all(|(l, c)| l.len() == c.completions.len())
+            }) {
+                Some(l) => {
+                    eprintln!("{what}: reference log-probs from cache {}", p.display());
+                    return Ok(l);
+                }
+                None => eprintln!(
+                    "{what}: the reference cache {} is not in this version's format; computing it again",
+                    p.display()
+                ),
+            }
+        }
+        let t = Instant::now();
+        let logps = reference_logprobs(reference, comparisons, length_normalized, batch_size)?;
+        eprintln!(
+            "{what}: reference log-probs of {} completions computed in {:.1}s",
+            logps.iter().map(Vec::len).sum::<usize>(),
+            t.elapsed().as_secs_f64()
+        );
+        if let Some(p) = path {
+            let written = std::fs::create_dir_all(p.parent().unwrap_or(&p))
+                .map_err(anyhow::Error::from)
+                .and_then(|_| {
+                    let text = serde_json::to_vec(&serde_json::json!({
+                        "format": CACHE_FORMAT,
+                        "key": key,
+                        "logps": logps,
+                    }))?;
+                    crate::io::write_atomic(&p, &text)
+                });
+            if let Err(e) = written {
+                eprintln!(
+                    "note: cannot write the reference cache {} ({}); going on without it",
+                    p.display(),
+                    crate::io::one_line_error(&e)
+                );
+            }
+        }
+        Ok(logps)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +415,17 @@ mod tests {
         let w = 0.1 * sig(-h);
         assert!(
             (grad[0] + w).abs() < 1e-6 && (grad[1] - w).abs() < 1e-6,
+            "{grad:?}"
+        );
+    }
+
+    #[test]
+    fn at_the_start_policy_equals_reference_and_the_weight_is_half_beta() {
+        // h = 0 exactly: the first step when π = π_ref. The paper's weight σ(r̂_l − r̂_w) is ½.
+        let (loss, grad) = eval(&[0.0, 0.0], params(DpoLoss::Sigmoid, 0.1, 0.0));
+        assert!((loss - std::f64::consts::LN_2).abs() < 1e-6);
+        assert!(
+            (grad[0] + 0.05).abs() < 1e-7 && (grad[1] - 0.05).abs() < 1e-7,
             "{grad:?}"
         );
     }

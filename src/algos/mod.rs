@@ -1,8 +1,7 @@
 //! One file per algorithm: its loss, written like the paper's equation, and its task for the
-//! shared training loop.
+//! shared training loop (SFT, RM, DPO) or its objective for the online-RL loop (PPO).
 
 pub mod dpo;
 pub mod ppo;
-pub mod ppo_trainer;
 pub mod rm;
 pub mod sft;

@@ -34,6 +34,32 @@ pub fn pairwise_accuracy(rewards: &[f32]) -> f64 {
     right as f64 / (k * (k - 1) / 2).max(1) as f64
 }
 
+/// `ranking_batching`: how a K-way ranking enters the batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RankingBatching {
+    /// All C(K,2) pairs of a prompt in one batch element (InstructGPT).
+    PerPrompt,
+    /// Every pair its own example (the baseline InstructGPT found to overfit).
+    ShuffledPairs,
+}
+
+/// Mean score of `seqs` without the head's bias (the bias that centres them is its negation).
+pub fn mean_raw_score(
+    head: &ScalarHead,
+    model: &CausalLm,
+    seqs: &[Vec<u32>],
+    batch: usize,
+) -> Result<f64> {
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let raw = ScalarHead {
+        weight: head.weight.clone(),
+        bias: 0.0,
+    }
+    .scores(model, &refs, batch)?;
+    Ok(raw.iter().map(|&x| x as f64).sum::<f64>() / raw.len().max(1) as f64)
+}
+
 pub struct RmTask {
     pub head: ScalarHead,
     pub train: Vec<Comparison>,

@@ -20,11 +20,11 @@ use serde_json::json;
 use std::time::Instant;
 
 use crate::generate::{generate, SamplingConfig};
-use crate::model::config::ModelConfig;
+use crate::model::hparams::ModelConfig;
 use crate::model::init::{gpt2_small_config, random_weights, smollm2_135m_config};
 use crate::model::{CausalLm, StepInputs};
 use crate::ops;
-use crate::train::optim::{AdamW, AdamWConfig, GradBuffers};
+use crate::train::{Optimizer, Schedule, TrainConfig};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Workload {
@@ -167,48 +167,23 @@ pub fn prompt_lengths(batch: usize, seq: usize) -> Vec<usize> {
         .collect()
 }
 
-/// The optimizer-step part shared by train and dpo: gradients into buffers, clip, AdamW.
-struct Stepper {
-    grads: GradBuffers,
-    opt: AdamW,
+/// The optimizer step of the bench workloads: the library's, with clipping to 1.0 and weight
+/// decay 0.01 at a constant learning rate.
+fn bench_optimizer(model: &CausalLm) -> Optimizer {
+    let cfg = TrainConfig {
+        learning_rate: LR,
+        lr_scheduler_type: Schedule::Constant,
+        weight_decay: 0.01,
+        max_grad_norm: MAX_GRAD_NORM,
+        ..Default::default()
+    };
+    Optimizer::new(&cfg, model.parameters().to_vec(), 1)
 }
 
-impl Stepper {
-    fn new(model: &CausalLm) -> Self {
-        let params = model.parameters();
-        Stepper {
-            grads: GradBuffers::new(params),
-            opt: AdamW::new(
-                params,
-                AdamWConfig {
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: 0.01,
-                },
-            ),
-        }
-    }
-
-    fn step(&mut self, model: &CausalLm, loss: &Tensor) -> Result<()> {
-        let params = model.parameters();
-        self.grads.zero();
-        self.grads.add(params, &loss.backward()?)?;
-        let norm = self.grads.global_norm();
-        if !norm.is_finite() {
-            bail!("non-finite gradient norm {norm}");
-        }
-        let scale = if norm > MAX_GRAD_NORM {
-            MAX_GRAD_NORM / norm
-        } else {
-            1.0
-        };
-        let poisoned = self.opt.update(params, &self.grads, LR, scale)?;
-        if !poisoned.is_empty() {
-            bail!("non-finite parameters after the update: {}", poisoned[0]);
-        }
-        Ok(())
-    }
+fn step(optimizer: &mut Optimizer, loss: &Tensor) -> Result<()> {
+    optimizer.accumulate(loss)?;
+    optimizer.step(0)?;
+    Ok(())
 }
 
 /// log p(ids[t+1] | ids[..=t]) for every row and t < T − 1: [rows, T − 1], through the library's
@@ -225,23 +200,17 @@ fn next_token_logprobs(model: &CausalLm, ids: &[Vec<u32>]) -> Result<Tensor> {
     )?)
 }
 
-fn train_step(model: &CausalLm, stepper: &mut Stepper, ids: &[Vec<u32>]) -> Result<()> {
+fn train_step(model: &CausalLm, optimizer: &mut Optimizer, ids: &[Vec<u32>]) -> Result<()> {
     let lp = next_token_logprobs(model, ids)?;
     let loss = lp.mean_all()?.neg()?;
-    stepper.step(model, &loss)
-}
-
-/// −log σ(x), stably: relu(−x) + log(1 + exp(−|x|)).
-fn neg_log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let soft = ((x.abs()?.neg()?.exp()? + 1.0)?).log()?;
-    Ok((x.neg()?.relu()? + soft)?)
+    step(optimizer, &loss)
 }
 
 /// One DPO step: rows 0..B of `ids` are chosen, B..2B rejected; `ref_lp` holds the reference
 /// log-prob sums in the same order.
 fn dpo_step(
     model: &CausalLm,
-    stepper: &mut Stepper,
+    optimizer: &mut Optimizer,
     ids: &[Vec<u32>],
     ref_lp: &Tensor,
 ) -> Result<()> {
@@ -256,8 +225,8 @@ fn dpo_step(
     let seq_lp = lp.broadcast_mul(&resp)?.sum(D::Minus1)?;
     let logratio = (seq_lp - ref_lp)?;
     let margin = (logratio.narrow(0, 0, pairs)? - logratio.narrow(0, pairs, pairs)?)?;
-    let loss = neg_log_sigmoid(&(margin * DPO_BETA)?)?.mean_all()?;
-    stepper.step(model, &loss)
+    let loss = ops::log_sigmoid(&(margin * DPO_BETA)?)?.mean_all()?.neg()?;
+    step(optimizer, &loss)
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -279,7 +248,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         t_build.elapsed().as_secs_f64()
     );
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed.wrapping_add(1));
-    let mut stepper = trainable.then(|| Stepper::new(&model));
+    let mut optimizer = trainable.then(|| bench_optimizer(&model));
     let mut times = Vec::with_capacity(args.repeats);
     let (mut other_cpu, mut steal_cpu) = (vec![], vec![]);
     for i in 0..args.warmup + args.repeats {
@@ -289,7 +258,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Workload::Train => {
                 let ids = random_ids(&mut rng, cfg.vocab_size, args.batch, args.seq);
                 let t = Instant::now();
-                train_step(&model, stepper.as_mut().unwrap(), &ids)?;
+                train_step(&model, optimizer.as_mut().unwrap(), &ids)?;
                 (t.elapsed(), "step")
             }
             Workload::Dpo => {
@@ -300,7 +269,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     .collect();
                 let ref_lp = Tensor::from_vec(ref_lp, 2 * args.batch, &Device::Cpu)?;
                 let t = Instant::now();
-                dpo_step(&model, stepper.as_mut().unwrap(), &ids, &ref_lp)?;
+                dpo_step(&model, optimizer.as_mut().unwrap(), &ids, &ref_lp)?;
                 (t.elapsed(), "step")
             }
             Workload::Generate => {
@@ -377,16 +346,6 @@ mod tests {
             let l = prompt_lengths(b, t);
             assert_eq!(l.len(), b);
             assert_eq!(l.iter().sum::<usize>(), b * t);
-        }
-    }
-
-    #[test]
-    fn neg_log_sigmoid_is_stable() {
-        let x = Tensor::new(&[-100f32, -1.0, 0.0, 1.0, 100.0], &Device::Cpu).unwrap();
-        let y = neg_log_sigmoid(&x).unwrap().to_vec1::<f32>().unwrap();
-        let want = [100.0f32, 1.3132617, std::f32::consts::LN_2, 0.3132617, 0.0];
-        for (a, b) in y.iter().zip(want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
     }
 }

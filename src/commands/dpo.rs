@@ -4,16 +4,14 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use super::{check_train_config, fingerprint, settings_table, train_eval_records, RunArgs};
-use crate::algos::dpo::{reference_logprobs, DpoLoss, DpoParams, DpoTask};
+use super::{start_training, TrainArgs};
+use crate::algos::dpo::{DpoLoss, DpoParams, DpoTask, ReferenceCache};
 use crate::checkpoint::{save_final, Checkpoint};
-use crate::config::{describe, extract, KeyDoc};
-use crate::data::preference::{Comparison, PreferenceDataConfig, PREFERENCE_DATA_KEYS};
-use crate::model::CausalLm;
-use crate::train::{train, TrainConfig, TRAIN_KEYS};
+use crate::data::preference::{prepare_train_eval, Comparison, PreferenceDataConfig};
+use crate::settings::{describe, help, KeyDoc, Section};
+use crate::train::fingerprint::resume_fingerprint;
+use crate::train::{train, TrainConfig};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -23,7 +21,7 @@ pub struct DpoRunConfig {
     pub train_file: String,
     pub eval_file: String,
     pub eval_split: f64,
-    pub loss_type: String,
+    pub loss_type: DpoLoss,
     pub beta: f64,
     pub label_smoothing: f64,
     pub reference_free: bool,
@@ -38,7 +36,7 @@ impl Default for DpoRunConfig {
             train_file: String::new(),
             eval_file: String::new(),
             eval_split: 0.0,
-            loss_type: "sigmoid".into(),
+            loss_type: DpoLoss::Sigmoid,
             beta: 0.1,
             label_smoothing: 0.0,
             reference_free: false,
@@ -47,182 +45,64 @@ impl Default for DpoRunConfig {
     }
 }
 
-pub const RUN_KEYS: &[KeyDoc] = &[
-    KeyDoc {
-        key: "model",
-        default: "(required)",
-        help: "policy to train (usually the SFT model): HF dir, .gguf, or cached repo id",
-    },
-    KeyDoc {
-        key: "ref_model",
-        default: "\"\"",
-        help: "reference model; empty: the policy's starting weights",
-    },
-    KeyDoc {
-        key: "train_file",
-        default: "(required)",
-        help: "pairs {prompt, chosen, rejected} or rankings {prompt, completions, ranking}",
-    },
-    KeyDoc {
-        key: "eval_file",
-        default: "\"\"",
-        help: "held-out comparisons; reports eval/rewards/accuracies etc.",
-    },
-    KeyDoc {
-        key: "eval_split",
-        default: "0.0",
-        help: "fraction of train_file held out when no eval_file",
-    },
-    KeyDoc {
-        key: "loss_type",
-        default: "\"sigmoid\"",
-        help: "sigmoid (DPO), ipo, hinge, or plackett_luce (rankings)",
-    },
-    KeyDoc {
-        key: "beta",
-        default: "0.1",
-        help: "β: strength of the implicit KL constraint (DPO paper: 0.1; 0.5 for summarisation)",
-    },
-    KeyDoc {
-        key: "label_smoothing",
-        default: "0.0",
-        help: "ε of conservative DPO: assumed probability that a label is flipped (sigmoid loss)",
-    },
-    KeyDoc {
-        key: "reference_free",
-        default: "false",
-        help: "no reference model: log π_ref taken as 0",
-    },
-    KeyDoc {
-        key: "ref_cache_dir",
-        default: "\"~/.cache/rlhf/ref-logps\"",
-        help: "where reference log-probs are cached (keyed by reference weights and token ids); empty: no cache",
-    },
-];
+impl Section for DpoRunConfig {
+    const TITLE: &'static str = "run";
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::required("model", "policy to train (usually the SFT model): HF dir, .gguf, or cached repo id").path(),
+        KeyDoc::new("ref_model", "reference model; empty: the policy's starting weights").path(),
+        KeyDoc::required("train_file", "pairs {prompt, chosen, rejected} or rankings {prompt, completions, ranking}").path(),
+        KeyDoc::new("eval_file", "held-out comparisons; reports eval/rewards/accuracies etc.").path(),
+        KeyDoc::new("eval_split", "fraction of train_file held out when no eval_file"),
+        KeyDoc::new("loss_type", "sigmoid (DPO), ipo, hinge, or plackett_luce (rankings)"),
+        KeyDoc::new("beta", "β: strength of the implicit KL constraint (DPO paper: 0.1; 0.5 for summarisation)"),
+        KeyDoc::new("label_smoothing", "ε of conservative DPO: assumed probability that a label is flipped (sigmoid loss)"),
+        KeyDoc::new("reference_free", "no reference model: log π_ref taken as 0"),
+        KeyDoc::new("ref_cache_dir", "where reference log-probs are cached (keyed by reference weights and token ids); empty: no cache").path(),
+    ];
+}
 
 pub fn help_text() -> String {
     describe(&[
-        ("run", RUN_KEYS),
-        ("data", PREFERENCE_DATA_KEYS),
-        ("training", TRAIN_KEYS),
+        help::<DpoRunConfig>(),
+        help::<PreferenceDataConfig>(),
+        help::<TrainConfig>(),
     ])
 }
 
-/// Hash of a model's weights (names, shapes and values).
-fn weights_hash(model: &CausalLm) -> Result<u64> {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for (name, t) in model.state_dict()? {
-        name.hash(&mut h);
-        t.dims().hash(&mut h);
-        let v = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        for x in v {
-            x.to_bits().hash(&mut h);
-        }
-    }
-    Ok(h.finish())
-}
-
-/// Reference log-probs of `comparisons`, from the cache when the same reference weights have seen
-/// the same token ids before.
-fn cached_reference_logprobs(
-    reference: &CausalLm,
-    ref_hash: u64,
-    comparisons: &[Comparison],
-    length_normalized: bool,
-    batch: usize,
-    cache_dir: &str,
-    what: &str,
-) -> Result<Vec<Vec<f32>>> {
-    let key = fingerprint(
-        &[json!([
-            "ref-logps-v1",
-            format!("{ref_hash:016x}"),
-            length_normalized
-        ])],
-        comparisons.iter().flat_map(Comparison::token_lists),
-    );
-    let path =
-        (!cache_dir.is_empty()).then(|| PathBuf::from(cache_dir).join(format!("{key}.json")));
-    if let Some(p) = path.as_ref().filter(|p| p.exists()) {
-        let cached: Option<Vec<Vec<f32>>> = crate::io::read_json(p)
-            .ok()
-            .and_then(|v| serde_json::from_value(v["logps"].clone()).ok());
-        if let Some(v) = cached.filter(|v| {
-            v.len() == comparisons.len()
-                && v.iter()
-                    .zip(comparisons)
-                    .all(|(l, c)| l.len() == c.completions.len())
-        }) {
-            eprintln!("{what}: reference log-probs from cache {}", p.display());
-            return Ok(v);
-        }
-    }
-    let t = Instant::now();
-    let logps = reference_logprobs(reference, comparisons, length_normalized, batch)?;
-    eprintln!(
-        "{what}: reference log-probs of {} completions computed in {:.1}s",
-        logps.iter().map(Vec::len).sum::<usize>(),
-        t.elapsed().as_secs_f64()
-    );
-    if let Some(p) = path {
-        std::fs::create_dir_all(p.parent().unwrap())
-            .with_context(|| format!("cannot create {cache_dir}"))?;
-        let text = serde_json::to_vec(&json!({"key": key, "logps": logps}))?;
-        crate::io::write_atomic(&p, &text)?;
-    }
-    Ok(logps)
-}
-
-pub fn run(args: &RunArgs) -> Result<()> {
-    let (table, origin) = settings_table(args, &[RUN_KEYS, PREFERENCE_DATA_KEYS, TRAIN_KEYS])?;
-    let mut run: DpoRunConfig = extract(&table, RUN_KEYS, &origin)?;
-    let mut data_cfg: PreferenceDataConfig = extract(&table, PREFERENCE_DATA_KEYS, &origin)?;
-    let mut train_cfg: TrainConfig = extract(&table, TRAIN_KEYS, &origin)?;
-    for p in [
-        &mut run.model,
-        &mut run.ref_model,
-        &mut run.train_file,
-        &mut run.eval_file,
-        &mut run.ref_cache_dir,
-    ] {
-        *p = crate::io::expand_tilde(p);
-    }
-    check_train_config(&mut train_cfg, &origin)?;
-    super::check_model_and_data(&origin, &run.model, &run.train_file, run.eval_split)?;
-    let loss = DpoLoss::parse(&run.loss_type).with_context(|| origin.clone())?;
-    if !(run.beta > 0.0 && run.beta.is_finite()) {
-        bail!("{origin}: beta must be a positive number");
-    }
-    if !(0.0..0.5).contains(&run.label_smoothing) {
-        bail!("{origin}: label_smoothing must be in [0, 0.5)");
-    }
-    if run.label_smoothing > 0.0 && loss != DpoLoss::Sigmoid {
-        bail!("{origin}: label_smoothing applies to loss_type = \"sigmoid\" only");
-    }
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let settings = args.settings(&[
+        DpoRunConfig::KEYS,
+        PreferenceDataConfig::KEYS,
+        TrainConfig::KEYS,
+    ])?;
+    let run: DpoRunConfig = settings.section()?;
+    let mut data_cfg: PreferenceDataConfig = settings.section()?;
+    let params = DpoParams {
+        loss: run.loss_type,
+        beta: run.beta,
+        label_smoothing: run.label_smoothing,
+    };
+    params
+        .validate()
+        .with_context(|| settings.origin().to_string())?;
     if run.reference_free && !run.ref_model.is_empty() {
-        bail!("{origin}: reference_free and ref_model exclude each other");
+        bail!(
+            "{}: reference_free and ref_model exclude each other",
+            settings.origin()
+        );
     }
-    crate::train::trainer::preflight(&train_cfg, args.resume)?;
-    let (train_records, eval_records) = train_eval_records(
+    let inputs = [&run.model, &run.ref_model, &run.train_file, &run.eval_file];
+    let (train_cfg, out) = start_training(args, &settings, &inputs.map(String::as_str))?;
+    let records = crate::data::read_train_eval(
         &run.train_file,
         &run.eval_file,
         run.eval_split,
         train_cfg.seed,
     )?;
     let ck = Checkpoint::load(&run.model, true)?;
-    let (train_set, eval_set) = super::load_comparisons(
-        &ck,
-        (&run.train_file, &run.eval_file),
-        (&train_records, &eval_records),
-        &mut data_cfg,
-        true,
-    )?;
-    let mc = &ck.model.config;
-    let norm = loss.length_normalized();
+    data_cfg.fit_positions(ck.model.config.position_limit());
+    let (train_set, eval_set) = prepare_train_eval(&records, ck.tokenizer()?, &data_cfg, true)?;
+    let norm = params.loss.length_normalized();
     let batch = train_cfg.per_device_eval_batch_size;
     let (train_ref, eval_ref) = if run.reference_free {
         let zeros = |s: &[Comparison]| -> Vec<Vec<f32>> {
@@ -237,27 +117,20 @@ pub fn run(args: &RunArgs) -> Result<()> {
             Some(Checkpoint::load(&run.ref_model, false)?)
         };
         let reference = separate.as_ref().map_or(&ck.model, |r| &r.model);
-        if reference.config.vocab_size != mc.vocab_size {
+        let (ref_vocab, vocab) = (reference.config.vocab_size, ck.model.config.vocab_size);
+        if ref_vocab != vocab {
             bail!(
-                "{}: the reference model's vocabulary ({}) differs from the policy's ({})",
-                run.ref_model,
-                reference.config.vocab_size,
-                mc.vocab_size
+                "{}: the reference model's vocabulary ({ref_vocab}) differs from the policy's ({vocab})",
+                run.ref_model
             );
         }
-        let cache = &run.ref_cache_dir;
-        // The weights' hash only keys the cache.
-        let h = if cache.is_empty() {
-            0
-        } else {
-            weights_hash(reference)?
-        };
+        let cache = ReferenceCache::new(&run.ref_cache_dir, reference)?;
         (
-            cached_reference_logprobs(reference, h, &train_set, norm, batch, cache, "train")?,
-            cached_reference_logprobs(reference, h, &eval_set, norm, batch, cache, "eval")?,
+            cache.logprobs(reference, &train_set, norm, batch, "train")?,
+            cache.logprobs(reference, &eval_set, norm, batch, "eval")?,
         )
     };
-    let fp = fingerprint(
+    let fp = resume_fingerprint(
         &[
             json!([
                 "dpo",
@@ -269,16 +142,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
                 run.reference_free
             ]),
             serde_json::to_value(&data_cfg)?,
-            super::train_settings_for_fingerprint(&train_cfg),
+            train_cfg.resume_relevant(),
         ],
         train_set.iter().flat_map(Comparison::token_lists),
     );
     let mut task = DpoTask {
-        params: DpoParams {
-            loss,
-            beta: run.beta,
-            label_smoothing: run.label_smoothing,
-        },
+        params,
         train: train_set,
         train_ref,
         eval: eval_set,
@@ -286,15 +155,14 @@ pub fn run(args: &RunArgs) -> Result<()> {
         eval_batch_size: batch,
     };
     let outcome = train(&train_cfg, &ck.model, &mut task, args.resume, &fp)?;
-    let out = Path::new(&train_cfg.output_dir);
-    save_final(&ck, out)?;
+    save_final(&ck, out.path())?;
     eprintln!(
         "done: {} steps ({} skipped), {}{:.0} tokens/s; model written to {}",
         outcome.steps,
         outcome.skipped_steps,
         super::metrics_summary(&outcome.eval_metrics),
         outcome.tokens_per_second,
-        out.display()
+        out.path().display()
     );
     Ok(())
 }

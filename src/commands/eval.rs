@@ -1,37 +1,56 @@
 //! `rlhf eval`: sample from policies, judge, and report (see `crate::eval`).
 
 use anyhow::Result;
+use std::path::PathBuf;
 
-use super::{settings_table, RunArgs};
-use crate::config::{describe, extract};
-use crate::eval::{run_eval, table, EvalConfig, EVAL_KEYS};
+use crate::eval::{run_eval, table, EvalConfig};
+use crate::settings::{describe, help, Section, Settings};
+use crate::train::output_dir::{Existing, OutputDir};
 
-pub fn help_text() -> String {
-    describe(&[("eval", EVAL_KEYS)])
+/// `--config`, `--set`, `--overwrite`.
+#[derive(clap::Args, Debug, Default)]
+pub struct EvalArgs {
+    /// TOML file with the evaluation's settings (keys below).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override or add a setting: --set judge=vader (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Replace an earlier report in output_dir.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
-pub fn run(args: &RunArgs) -> Result<()> {
-    let (table_, origin) = settings_table(args, &[EVAL_KEYS])?;
-    let mut cfg: EvalConfig = extract(&table_, EVAL_KEYS, &origin)?;
-    let mut paths = vec![
-        &mut cfg.prompt_file,
-        &mut cfg.output_dir,
-        &mut cfg.reference,
-    ];
-    paths.extend(cfg.text_file.paths_mut());
-    for p in paths {
-        *p = crate::io::expand_tilde(p);
+impl EvalArgs {
+    pub fn with_sets(sets: Vec<String>) -> Self {
+        EvalArgs {
+            sets,
+            ..Default::default()
+        }
     }
-    let out = std::path::Path::new(&cfg.output_dir);
-    if out.join("report.md").exists() {
-        anyhow::bail!(
-            "{} already holds a report; choose another output_dir",
-            out.display()
-        );
-    }
-    let report = run_eval(&cfg).map_err(|e| e.context(origin.clone()))?;
+}
+
+pub fn help_text() -> String {
+    describe(&[help::<EvalConfig>()])
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let settings = Settings::load(args.config.as_deref(), &args.sets, &[EvalConfig::KEYS])?;
+    let cfg: EvalConfig = settings.section()?;
+    let inputs = cfg.input_paths();
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+    let existing = if args.overwrite {
+        Existing::Replace
+    } else {
+        Existing::Keep
+    };
+    let out = OutputDir::claim(&cfg.output_dir, &inputs, existing)?;
+    let report = run_eval(&cfg).map_err(|e| e.context(settings.origin().to_string()))?;
     println!("{}", table(&report));
-    eprintln!("report written to {}", out.join("report.md").display());
+    eprintln!(
+        "report written to {}",
+        out.path().join("report.md").display()
+    );
     Ok(())
 }
 

@@ -102,7 +102,7 @@ fn build_prompts(args: &GenerateArgs, ck: &Checkpoint) -> Result<Vec<Prompt>> {
         };
         let ids = match (&messages, &v) {
             (Some(m), _) => {
-                crate::chat::apply_chat_template(tok, m, true)
+                crate::text::apply_chat_template(tok, m, true)
                     .with_context(|| at.clone())?
                     .1
             }

@@ -1,4 +1,4 @@
-//! The command-line subcommands, as library functions that take parsed options.
+//! The command-line subcommands: each parses its options, calls the library, and reports.
 
 pub mod bench;
 pub mod convert;
@@ -13,10 +13,63 @@ pub mod rm;
 pub mod score;
 pub mod sft;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
+use crate::settings::{KeyDoc, Settings};
+use crate::train::output_dir::{Existing, OutputDir};
+use crate::train::TrainConfig;
+
+/// `--config`, `--set`, `--resume`, `--overwrite`: what every training command takes.
+#[derive(clap::Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML file with the run's settings (keys below).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override or add a setting: --set learning_rate=1e-5 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue from the newest checkpoint in output_dir.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Replace the results of an earlier run in output_dir: its checkpoints and metrics are
+    /// removed at the start, its model files replaced when this run finishes.
+    #[arg(long)]
+    pub overwrite: bool,
+}
+
+impl TrainArgs {
+    /// The run's settings, with keys that none of `known` declares refused.
+    pub fn settings(&self, known: &[&[KeyDoc]]) -> Result<Settings> {
+        Settings::load(self.config.as_deref(), &self.sets, known)
+    }
+}
+
+/// What every training command does before loading anything: the training section read and
+/// checked, the thread count applied, and the output directory claimed (locked; not one of the
+/// `inputs`; earlier results kept unless `--resume` or `--overwrite`).
+pub fn start_training(
+    args: &TrainArgs,
+    settings: &Settings,
+    inputs: &[&str],
+) -> Result<(TrainConfig, OutputDir)> {
+    let train: TrainConfig = settings.section()?;
+    train
+        .validate()
+        .with_context(|| settings.origin().to_string())?;
+    if train.threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", train.threads.to_string());
+    }
+    let existing = match (args.resume, args.overwrite) {
+        (true, _) => Existing::Resume,
+        (false, true) => Existing::Replace,
+        (false, false) => Existing::Keep,
+    };
+    let out = OutputDir::claim(&train.output_dir, inputs, existing)?;
+    Ok((train, out))
+}
 
 /// Loads a model for inference and says on stderr what was loaded.
 pub fn load_for_inference(spec: &str) -> Result<Checkpoint> {
@@ -46,174 +99,10 @@ pub fn load_for_inference(spec: &str) -> Result<Checkpoint> {
     Ok(ck)
 }
 
-/// Records with their line numbers.
-pub type Records = Vec<(usize, serde_json::Value)>;
-
-/// Holds out a seeded `fraction` of the records for evaluation.
-pub fn split_eval(records: Records, fraction: f64, seed: u64) -> (Records, Records) {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    let n_eval = ((records.len() as f64) * fraction).round() as usize;
-    let mut idx: Vec<usize> = (0..records.len()).collect();
-    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
-    let eval_set: std::collections::HashSet<usize> = idx[..n_eval].iter().copied().collect();
-    let (mut train, mut eval) = (vec![], vec![]);
-    for (i, r) in records.into_iter().enumerate() {
-        if eval_set.contains(&i) {
-            eval.push(r)
-        } else {
-            train.push(r)
-        }
-    }
-    (train, eval)
-}
-
-/// Training and evaluation records: `train_file`, and `eval_file` or a held-out split of it.
-pub fn train_eval_records(
-    train_file: &str,
-    eval_file: &str,
-    eval_split: f64,
-    seed: u64,
-) -> Result<(Records, Records)> {
-    let records = crate::data::read_records(std::path::Path::new(train_file))?;
-    if !eval_file.is_empty() {
-        return Ok((
-            records,
-            crate::data::read_records(std::path::Path::new(eval_file))?,
-        ));
-    }
-    if eval_split > 0.0 {
-        return Ok(split_eval(records, eval_split, seed));
-    }
-    Ok((records, vec![]))
-}
-
-/// A stable hash of what must not change when a run is resumed: settings (as JSON) and the
-/// token ids trained on.
-pub fn fingerprint<'a>(
-    settings: &[serde_json::Value],
-    token_lists: impl Iterator<Item = &'a [u32]>,
-) -> String {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for s in settings {
-        s.to_string().hash(&mut h);
-    }
-    for ids in token_lists {
-        ids.hash(&mut h);
-    }
-    format!("{:016x}", h.finish())
-}
-
-/// The training settings that a resumed run must share (paths and logging cadence excluded).
-pub fn train_settings_for_fingerprint(t: &crate::train::TrainConfig) -> serde_json::Value {
-    let t = crate::train::TrainConfig {
-        output_dir: String::new(),
-        logging_steps: 0,
-        eval_steps: 0,
-        save_steps: 0,
-        save_total_limit: 0,
-        threads: 0,
-        ..t.clone()
-    };
-    serde_json::to_value(t).unwrap_or_default()
-}
-
-/// `--config`, `--set`, `--resume`: what every training command takes.
-#[derive(clap::Args, Debug)]
-pub struct RunArgs {
-    /// TOML file with the run's settings (keys below).
-    #[arg(long)]
-    pub config: Option<std::path::PathBuf>,
-    /// Override or add a setting: --set learning_rate=1e-5 (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
-    /// Continue from the newest checkpoint in output_dir.
-    #[arg(long)]
-    pub resume: bool,
-}
-
-/// The settings table of a run, with unknown keys refused, and where it came from (for messages).
-pub fn settings_table(
-    args: &RunArgs,
-    known: &[&[crate::config::KeyDoc]],
-) -> Result<(toml::Table, String)> {
-    let origin = args
-        .config
-        .as_ref()
-        .map_or("--set".to_string(), |p| p.display().to_string());
-    let table = crate::config::load_table(args.config.as_deref(), &args.sets)?;
-    crate::config::check_keys(&table, known, &origin)?;
-    Ok((table, origin))
-}
-
-/// Checks shared by the training commands, and the thread setting applied.
-pub fn check_train_config(train: &mut crate::train::TrainConfig, origin: &str) -> Result<()> {
-    use anyhow::Context;
-    train.output_dir = crate::io::expand_tilde(&train.output_dir);
-    train.validate().with_context(|| origin.to_string())?;
-    if train.threads > 0 {
-        std::env::set_var("RAYON_NUM_THREADS", train.threads.to_string());
-    }
-    Ok(())
-}
-
-/// What every training command needs: a model, training data, and an eval_split in [0, 1).
-pub fn check_model_and_data(
-    origin: &str,
-    model: &str,
-    train_file: &str,
-    eval_split: f64,
-) -> Result<()> {
-    if model.is_empty() || train_file.is_empty() {
-        anyhow::bail!("{origin}: `model` and `train_file` are required");
-    }
-    if !(0.0..1.0).contains(&eval_split) {
-        anyhow::bail!("{origin}: eval_split must be in [0, 1)");
-    }
-    Ok(())
-}
-
-/// Evaluation metrics as "name value, " pairs, for a run's closing line.
+/// Metrics as "name value, " pairs, for a run's closing line.
 pub fn metrics_summary(metrics: &[(String, f64)]) -> String {
     metrics
         .iter()
         .map(|(k, v)| format!("{k} {v:.4}, "))
         .collect()
-}
-
-/// Training and held-out comparisons of a preference run, tokenised with `ck`'s tokenizer
-/// (GPT-2's position limit lowers `max_length`). `append_eos` as in `prepare_comparisons`.
-pub fn load_comparisons(
-    ck: &crate::checkpoint::Checkpoint,
-    (train_file, eval_file): (&str, &str),
-    (train_records, eval_records): (&Records, &Records),
-    data_cfg: &mut crate::data::preference::PreferenceDataConfig,
-    append_eos: bool,
-) -> Result<(
-    Vec<crate::data::preference::Comparison>,
-    Vec<crate::data::preference::Comparison>,
-)> {
-    use crate::data::preference::prepare_comparisons;
-    let mc = &ck.model.config;
-    if mc.family == crate::model::config::Family::Gpt2
-        && data_cfg.max_length > mc.max_position_embeddings
-    {
-        data_cfg.max_length = mc.max_position_embeddings;
-        data_cfg.max_prompt_length = data_cfg.max_prompt_length.min(data_cfg.max_length / 2);
-    }
-    let tok = ck.tokenizer()?;
-    let (train, stats) = prepare_comparisons(train_records, train_file, tok, data_cfg, append_eos)?;
-    eprintln!("train data: {}", stats.summary());
-    if eval_records.is_empty() {
-        return Ok((train, vec![]));
-    }
-    let origin = if eval_file.is_empty() {
-        train_file
-    } else {
-        eval_file
-    };
-    let (eval, s) = prepare_comparisons(eval_records, origin, tok, data_cfg, append_eos)?;
-    eprintln!("eval data: {}", s.summary());
-    Ok((train, eval))
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::RunArgs;
+use super::TrainArgs;
 use crate::eval::{run_eval, table, EvalConfig};
 use crate::reward::VaderReward;
 
@@ -109,18 +109,28 @@ fn quote(p: &Path) -> String {
     format!("\"{}\"", p.display())
 }
 
-/// Runs one stage as its command would, printing the equivalent command line.
-fn stage(name: &str, what: &str, sets: Vec<String>, f: fn(&RunArgs) -> Result<()>) -> Result<f64> {
+/// Runs one stage as its command would (`f` gets the `--set` options), printing the equivalent
+/// command line.
+fn stage(
+    name: &str,
+    what: &str,
+    sets: Vec<String>,
+    f: impl FnOnce(Vec<String>) -> Result<()>,
+) -> Result<f64> {
     let t = Instant::now();
     let shown: String = sets.iter().map(|s| format!(" --set '{s}'")).collect();
     eprintln!("\n== {what}\n   rlhf {name}{shown}");
-    f(&RunArgs {
-        config: None,
-        sets,
-        resume: false,
-    })
-    .with_context(|| format!("quickstart stage `{name}`"))?;
+    f(sets).with_context(|| format!("quickstart stage `{name}`"))?;
     Ok(t.elapsed().as_secs_f64())
+}
+
+fn train_stage(run: fn(&TrainArgs) -> Result<()>) -> impl FnOnce(Vec<String>) -> Result<()> {
+    move |sets| {
+        run(&TrainArgs {
+            sets,
+            ..Default::default()
+        })
+    }
 }
 
 /// Sentences split into training and held-out parts, and prompts (their first 2–4 words).
@@ -197,11 +207,11 @@ fn train_tokenizer(sentences: &[String], vocab: usize, dir: &Path) -> Result<()>
 fn tiny_base(data: &Data, dir: &Path, seed: u64) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     train_tokenizer(&data.train, 1024, dir)?;
-    let tok = crate::tokenize::Tokenizer::from_hf_dir(dir)?;
+    let tok = crate::text::Tokenizer::from_hf_dir(dir)?;
     let eos = tok
         .token_id("<|endoftext|>")
         .context("tokenizer lacks <|endoftext|>")?;
-    let cfg = crate::model::config::ModelConfig::from_json(json!({
+    let cfg = crate::model::hparams::ModelConfig::from_json(json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": 128,
@@ -324,7 +334,7 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                     "save_steps=0".into(),
                     format!("seed={}", args.seed),
                 ],
-                super::sft::run,
+                train_stage(super::sft::run),
             )?;
             times.push(("pretraining", secs));
             out.join("pretrain").to_string_lossy().to_string()
@@ -348,7 +358,7 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                 "save_steps=0".into(),
                 format!("seed={}", args.seed),
             ],
-            super::sft::run,
+            train_stage(super::sft::run),
         )?,
     ));
 
@@ -402,7 +412,7 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                 "save_steps=0".into(),
                 format!("seed={}", args.seed),
             ],
-            super::rm::run,
+            train_stage(super::rm::run),
         )?,
     ));
 
@@ -425,10 +435,11 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                 format!("learning_rate={}", plan.rl_lr),
                 "lr_scheduler_type=\"constant\"".into(),
                 "save_steps=0".into(),
+                "logging_steps=1".into(),
                 "sample_every=20".into(),
                 format!("seed={}", args.seed),
             ],
-            super::ppo::run,
+            train_stage(super::ppo::run),
         )?,
     ));
 
@@ -451,7 +462,7 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
                 "save_steps=0".into(),
                 format!("seed={}", args.seed),
             ],
-            super::dpo::run,
+            train_stage(super::dpo::run),
         )?,
     ));
 

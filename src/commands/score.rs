@@ -6,11 +6,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::chat::render_chat;
 use crate::checkpoint::Checkpoint;
 use crate::data::sft::encode_prompt_completion;
 use crate::model::scalar_head::ScalarHead;
-use crate::tokenize::Tokenizer;
+use crate::text::render_chat;
+use crate::text::Tokenizer;
 
 #[derive(clap::Args, Debug)]
 pub struct ScoreArgs {

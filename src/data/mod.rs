@@ -60,6 +60,64 @@ pub fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Records with their line (JSONL) or row (Parquet) numbers.
+pub type Records = Vec<(usize, Value)>;
+
+/// A run's training and held-out records, with the files they came from (for messages).
+pub struct TrainEval {
+    pub train: Records,
+    pub train_origin: String,
+    pub eval: Records,
+    pub eval_origin: String,
+}
+
+/// `train_file`, and `eval_file` or a seeded `eval_split` fraction of the training records held
+/// out (none when both are unset).
+pub fn read_train_eval(
+    train_file: &str,
+    eval_file: &str,
+    eval_split: f64,
+    seed: u64,
+) -> Result<TrainEval> {
+    if !(0.0..1.0).contains(&eval_split) {
+        bail!("eval_split must be in [0, 1), got {eval_split}");
+    }
+    let records = read_records(Path::new(train_file))?;
+    let (train, eval, eval_origin) = if !eval_file.is_empty() {
+        (records, read_records(Path::new(eval_file))?, eval_file)
+    } else if eval_split > 0.0 {
+        let (train, eval) = split_eval(records, eval_split, seed);
+        (train, eval, train_file)
+    } else {
+        (records, vec![], train_file)
+    };
+    Ok(TrainEval {
+        train,
+        train_origin: train_file.to_string(),
+        eval,
+        eval_origin: eval_origin.to_string(),
+    })
+}
+
+/// Holds out a seeded `fraction` of the records for evaluation: (train, eval).
+pub fn split_eval(records: Records, fraction: f64, seed: u64) -> (Records, Records) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let n_eval = ((records.len() as f64) * fraction).round() as usize;
+    let mut idx: Vec<usize> = (0..records.len()).collect();
+    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
+    let eval_set: std::collections::HashSet<usize> = idx[..n_eval].iter().copied().collect();
+    let (mut train, mut eval) = (vec![], vec![]);
+    for (i, r) in records.into_iter().enumerate() {
+        if eval_set.contains(&i) {
+            eval.push(r)
+        } else {
+            train.push(r)
+        }
+    }
+    (train, eval)
+}
+
 /// Records of a JSONL or Parquet file (by extension), each with its line or row number.
 pub fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
     match path.extension().and_then(|e| e.to_str()) {

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::sft::encode_prompt_completion;
-use crate::config::KeyDoc;
-use crate::tokenize::Tokenizer;
+use crate::settings::{KeyDoc, Section};
+use crate::text::Tokenizer;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Comparison {
@@ -66,18 +66,19 @@ impl Default for PreferenceDataConfig {
     }
 }
 
-pub const PREFERENCE_DATA_KEYS: &[KeyDoc] = &[
-    KeyDoc {
-        key: "max_length",
-        default: "1024",
-        help: "prompt + completion tokens kept (completions are cut at the end)",
-    },
-    KeyDoc {
-        key: "max_prompt_length",
-        default: "512",
-        help: "prompt tokens kept (the prompt's start is cut, its end kept)",
-    },
-];
+impl Section for PreferenceDataConfig {
+    const TITLE: &'static str = "data";
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::new(
+            "max_length",
+            "prompt + completion tokens kept (completions are cut at the end)",
+        ),
+        KeyDoc::new(
+            "max_prompt_length",
+            "prompt tokens kept (the prompt's start is cut, its end kept)",
+        ),
+    ];
+}
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PreferenceStats {
@@ -259,6 +260,57 @@ pub fn prepare_comparisons(
         );
     }
     Ok((out, stats))
+}
+
+/// Training and held-out comparisons of a run, tokenised; prints what was made.
+/// `append_eos` as in [`prepare_comparisons`].
+pub fn prepare_train_eval(
+    records: &super::TrainEval,
+    tok: &Tokenizer,
+    cfg: &PreferenceDataConfig,
+    append_eos: bool,
+) -> Result<(Vec<Comparison>, Vec<Comparison>)> {
+    let (train, stats) =
+        prepare_comparisons(&records.train, &records.train_origin, tok, cfg, append_eos)?;
+    eprintln!("train data: {}", stats.summary());
+    if records.eval.is_empty() {
+        return Ok((train, vec![]));
+    }
+    let (eval, s) = prepare_comparisons(&records.eval, &records.eval_origin, tok, cfg, append_eos)?;
+    eprintln!("eval data: {}", s.summary());
+    Ok((train, eval))
+}
+
+impl PreferenceDataConfig {
+    /// Lowers the lengths to a model's position limit (the prompt keeps at most half of it).
+    pub fn fit_positions(&mut self, limit: Option<usize>) {
+        if let Some(limit) = limit.filter(|&l| self.max_length > l) {
+            self.max_length = limit;
+            self.max_prompt_length = self.max_prompt_length.min(limit / 2);
+        }
+    }
+}
+
+/// Reference completions `{"prompt", "completion"}` (a reward model's normalisation set) as
+/// prompt + completion ids, cut to `max_length`.
+pub fn read_reference_completions(
+    path: &str,
+    tok: &Tokenizer,
+    max_length: usize,
+) -> Result<Vec<Vec<u32>>> {
+    let records = super::read_records(std::path::Path::new(path))?;
+    let mut out = Vec::with_capacity(records.len());
+    for (line, rec) in &records {
+        let (Some(p), Some(c)) = (rec.get("prompt"), rec.get("completion")) else {
+            bail!("{path}:{line}: expected {{\"prompt\", \"completion\"}}");
+        };
+        let (mut ids, c_ids) = encode_prompt_completion(tok, p, c, false)
+            .map_err(|e| anyhow::anyhow!("{path}:{line}: {e:#}"))?;
+        ids.extend(c_ids);
+        ids.truncate(max_length);
+        out.push(ids);
+    }
+    Ok(out)
 }
 
 /// Splits each K-way comparison into its C(K, 2) pairs (the "shuffled pairs" baseline that

@@ -4,8 +4,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 
-use crate::chat::render_chat;
-use crate::tokenize::Tokenizer;
+use crate::text::render_chat;
+use crate::text::Tokenizer;
 
 /// A prompt as token ids and as text (what text-based reward sources see).
 pub struct Prompt {

@@ -12,9 +12,9 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::chat::render_chat;
-use crate::config::KeyDoc;
-use crate::tokenize::Tokenizer;
+use crate::settings::{KeyDoc, Section};
+use crate::text::render_chat;
+use crate::text::Tokenizer;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -36,28 +36,27 @@ impl Default for SftDataConfig {
     }
 }
 
-pub const SFT_DATA_KEYS: &[KeyDoc] = &[
-    KeyDoc {
-        key: "max_length",
-        default: "1024",
-        help: "truncate (or pack) sequences to this many tokens",
-    },
-    KeyDoc {
-        key: "packing",
-        default: "false",
-        help: "pack short examples into max_length rows (attention stays within each example)",
-    },
-    KeyDoc {
-        key: "completion_only_loss",
-        default: "true",
-        help: "prompt/completion data: loss on the completion only",
-    },
-    KeyDoc {
-        key: "assistant_only_loss",
-        default: "true",
-        help: "messages data: loss on assistant turns only",
-    },
-];
+impl Section for SftDataConfig {
+    const TITLE: &'static str = "data";
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::new(
+            "max_length",
+            "truncate (or pack) sequences to this many tokens",
+        ),
+        KeyDoc::new(
+            "packing",
+            "pack short examples into max_length rows (attention stays within each example)",
+        ),
+        KeyDoc::new(
+            "completion_only_loss",
+            "prompt/completion data: loss on the completion only",
+        ),
+        KeyDoc::new(
+            "assistant_only_loss",
+            "messages data: loss on assistant turns only",
+        ),
+    ];
+}
 
 /// One training sequence. `targets[t]` is 1 when token t is predicted in the loss (from t−1).
 /// `segments[t]` numbers the packed example a token belongs to (all 1 when not packed).
@@ -256,6 +255,78 @@ pub fn prepare(
         singles
     };
     Ok((out, stats))
+}
+
+/// Training and held-out examples of a run (held-out ones never packed), with a one-line
+/// summary of what was made.
+pub struct SftData {
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub summary: String,
+}
+
+pub fn prepare_train_eval(
+    records: &super::TrainEval,
+    tok: &Tokenizer,
+    cfg: &SftDataConfig,
+) -> Result<SftData> {
+    let (train, stats) = prepare(&records.train, &records.train_origin, tok, cfg)?;
+    let eval = if records.eval.is_empty() {
+        vec![]
+    } else {
+        let unpacked = SftDataConfig {
+            packing: false,
+            ..cfg.clone()
+        };
+        prepare(&records.eval, &records.eval_origin, tok, &unpacked)?.0
+    };
+    let summary = format!(
+        "{} examples ({} truncated to {} tokens, {} without targets skipped) → {} training rows, {} tokens ({} targets); {} eval examples",
+        stats.examples,
+        stats.truncated,
+        cfg.max_length,
+        stats.dropped_no_targets,
+        train.len(),
+        stats.tokens,
+        stats.target_tokens,
+        eval.len()
+    );
+    Ok(SftData {
+        train,
+        eval,
+        summary,
+    })
+}
+
+/// Pretraining text (PPO-ptx, perplexity): `{"text"}` records of a JSONL/Parquet file, or the
+/// paragraphs (blank-line separated) of a `.txt` file, as language-modelling examples of at most
+/// `max_length` tokens. Returns the examples and a one-line summary.
+pub fn read_pretraining_text(
+    path: &str,
+    tok: &Tokenizer,
+    max_length: usize,
+) -> Result<(Vec<Example>, String)> {
+    let records: Vec<(usize, Value)> = if path.ends_with(".txt") {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+        text.split("\n\n")
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .enumerate()
+            .map(|(i, p)| (i + 1, serde_json::json!({ "text": p })))
+            .collect()
+    } else {
+        super::read_records(std::path::Path::new(path))?
+    };
+    let cfg = SftDataConfig {
+        max_length,
+        ..Default::default()
+    };
+    let (examples, stats) = prepare(&records, path, tok, &cfg)?;
+    let summary = format!(
+        "{} examples ({} truncated to {max_length} tokens), {} tokens",
+        stats.examples, stats.truncated, stats.tokens
+    );
+    Ok((examples, summary))
 }
 
 /// Greedy packing in data order: examples fill rows of up to `max_length` tokens, each keeping its

@@ -18,6 +18,7 @@ use crate::data::prompts::read_prompts;
 use crate::data::sft::{prepare, SftDataConfig};
 use crate::generate::{generate, SamplingConfig};
 use crate::reward::Episode;
+use crate::settings::{KeyDoc, Section};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -66,93 +67,28 @@ impl Default for EvalConfig {
     }
 }
 
-pub const EVAL_KEYS: &[crate::config::KeyDoc] = &[
-    crate::config::KeyDoc {
-        key: "policies",
-        default: "(required)",
-        help: "list of \"name=path\" (or paths) to sample from",
-    },
-    crate::config::KeyDoc {
-        key: "baseline",
-        default: "first policy",
-        help: "name of the policy the others' win rates are against",
-    },
-    crate::config::KeyDoc {
-        key: "reference",
-        default: "baseline's path",
-        help: "π_ref of the KL estimate",
-    },
-    crate::config::KeyDoc {
-        key: "judge",
-        default: "(required)",
-        help: "reward-model dir, \"vader\", or \"rule:…\"",
-    },
-    crate::config::KeyDoc {
-        key: "prompt_file",
-        default: "(required)",
-        help: "prompts {\"prompt\": text or messages}",
-    },
-    crate::config::KeyDoc {
-        key: "max_prompts",
-        default: "0",
-        help: "use the first N prompts (0: all)",
-    },
-    crate::config::KeyDoc {
-        key: "chat",
-        default: "false",
-        help: "wrap string prompts in the chat template",
-    },
-    crate::config::KeyDoc {
-        key: "max_prompt_length",
-        default: "128",
-        help: "longer prompts keep their last tokens",
-    },
-    crate::config::KeyDoc {
-        key: "response_length",
-        default: "48",
-        help: "max new tokens per response",
-    },
-    crate::config::KeyDoc {
-        key: "temperature",
-        default: "1.0",
-        help: "sampling temperature (the KL estimate assumes 1)",
-    },
-    crate::config::KeyDoc {
-        key: "top_p",
-        default: "1.0",
-        help: "nucleus filter",
-    },
-    crate::config::KeyDoc {
-        key: "seed",
-        default: "0",
-        help: "sampling seed (the same for every policy)",
-    },
-    crate::config::KeyDoc {
-        key: "text_file",
-        default: "\"\"",
-        help: "held-out text ({\"text\"} JSONL or .txt) for perplexity and cloze accuracy; a list for several corpora",
-    },
-    crate::config::KeyDoc {
-        key: "max_texts",
-        default: "200",
-        help: "texts used from each text_file",
-    },
-    crate::config::KeyDoc {
-        key: "cloze_min_words",
-        default: "6",
-        help: "sentences shorter than this are not cloze items",
-    },
-    crate::config::KeyDoc {
-        key: "batch_size",
-        default: "16",
-        help: "sequences per forward pass",
-    },
-    crate::config::KeyDoc {
-        key: "output_dir",
-        default: "\"eval-out\"",
-        help: "where report.md, results.json, samples.jsonl and the SVG charts go",
-    },
-];
+impl Section for EvalConfig {
+    const TITLE: &'static str = "eval";
+    const KEYS: &'static [KeyDoc] = &[
+        KeyDoc::required("policies", "list of \"name=path\" (or paths) to sample from"),
+        KeyDoc::shown("baseline", "first policy", "name of the policy the others' win rates are against"),
+        KeyDoc::shown("reference", "baseline's path", "π_ref of the KL estimate").path(),
+        KeyDoc::required("judge", "reward-model dir, \"vader\", or \"rule:…\"").path(),
+        KeyDoc::required("prompt_file", "prompts {\"prompt\": text or messages}").path(),
+        KeyDoc::new("max_prompts", "use the first N prompts (0: all)"),
+        KeyDoc::new("chat", "wrap string prompts in the chat template"),
+        KeyDoc::new("max_prompt_length", "longer prompts keep their last tokens"),
+        KeyDoc::new("response_length", "max new tokens per response"),
+        KeyDoc::new("temperature", "sampling temperature (the KL estimate assumes 1)"),
+        KeyDoc::new("top_p", "nucleus filter"),
+        KeyDoc::new("seed", "sampling seed (the same for every policy)"),
+        KeyDoc::new("text_file", "held-out text ({\"text\"} JSONL or .txt) for perplexity and cloze accuracy; a list for several corpora").path(),
+        KeyDoc::new("max_texts", "texts used from each text_file"),
+        KeyDoc::new("cloze_min_words", "sentences shorter than this are not cloze items"),
+        KeyDoc::new("batch_size", "sequences per forward pass"),
+        KeyDoc::new("output_dir", "where report.md, results.json, samples.jsonl and the SVG charts go").path(),
+    ];
+}
 
 /// `text_file`: one held-out corpus, or a list of them (each gets its own perplexity and cloze
 /// columns; e.g. the PPO-ptx corpus's held-out part and a corpus no model was trained on).
@@ -177,16 +113,6 @@ impl From<String> for TextFiles {
 
 impl TextFiles {
     /// The non-empty paths, in order.
-    pub fn paths_mut(&mut self) -> Vec<&mut String> {
-        match self {
-            TextFiles::One(p) => vec![p],
-            TextFiles::Many(ps) => ps.iter_mut().collect(),
-        }
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .collect()
-    }
-
     pub fn paths(&self) -> Vec<&str> {
         match self {
             TextFiles::One(p) => vec![p.as_str()],
@@ -284,6 +210,21 @@ pub struct EvalReport {
     pub results: Vec<PolicyResult>,
 }
 
+impl EvalConfig {
+    /// The files and directories the evaluation reads (policies, reference, judge, prompts,
+    /// held-out text).
+    pub fn input_paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self.policies.iter().map(|s| split_policy(s).1).collect();
+        paths.extend([
+            self.reference.clone(),
+            self.judge.clone(),
+            self.prompt_file.clone(),
+        ]);
+        paths.extend(self.text_file.paths().iter().map(|p| p.to_string()));
+        paths
+    }
+}
+
 fn split_policy(spec: &str) -> (String, String) {
     match spec.split_once('=') {
         Some((n, p)) if !n.is_empty() && !n.contains('/') => (n.to_string(), p.to_string()),
@@ -322,6 +263,9 @@ fn read_texts(path: &str, limit: usize) -> Result<Vec<String>> {
 pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     if cfg.policies.is_empty() || cfg.judge.is_empty() || cfg.prompt_file.is_empty() {
         bail!("`policies`, `judge` and `prompt_file` are required");
+    }
+    if cfg.batch_size == 0 {
+        bail!("batch_size must be at least 1");
     }
     let policies: Vec<(String, String)> = cfg.policies.iter().map(|s| split_policy(s)).collect();
     let baseline = if cfg.baseline.is_empty() {

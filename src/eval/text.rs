@@ -5,7 +5,7 @@ use anyhow::Result;
 
 use crate::data::sft::Example;
 use crate::model::{CausalLm, StepInputs};
-use crate::tokenize::Tokenizer;
+use crate::text::Tokenizer;
 use crate::train::lm_loss::target_nll_sum;
 
 /// exp(mean negative log-likelihood per target token).

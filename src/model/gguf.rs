@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 use std::path::Path;
 
-use super::config::ModelConfig;
+use super::hparams::ModelConfig;
 use super::weights::WeightMap;
 
 pub struct GgufFile {

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
-use super::config::ModelConfig;
+use super::hparams::ModelConfig;
 use super::linear::Linear;
 use super::weights::WeightMap;
 use super::{KvCache, ParamCollector, StepInputs};

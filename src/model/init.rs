@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::path::PathBuf;
 
-use super::config::{Family, ModelConfig};
+use super::hparams::{Family, ModelConfig};
 use super::weights::WeightMap;
 
 const INIT_STD: f64 = 0.02;

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::Tensor;
 
-use super::config::ModelConfig;
+use super::hparams::ModelConfig;
 use super::linear::Linear;
 use super::weights::WeightMap;
 use super::{KvCache, ParamCollector, StepInputs};
@@ -101,7 +101,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
-            inv_freq: super::config::rope_inv_freq(cfg),
+            inv_freq: super::hparams::rope_inv_freq(cfg),
         })
     }
 

@@ -1,8 +1,8 @@
 //! Our own differentiable decoder models on candle. Knows nothing of algorithms, data or the CLI.
 
-pub mod config;
 pub mod gguf;
 pub mod gpt2;
+pub mod hparams;
 pub mod init;
 pub mod linear;
 pub mod llama;
@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use candle_core::{Tensor, Var};
 
 use crate::ops;
-use config::{Family, ModelConfig};
+use hparams::{Family, ModelConfig};
 use weights::WeightMap;
 
 /// The inputs of one forward call: token ids [B, T], their position ids, and the additive attention

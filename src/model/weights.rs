@@ -48,16 +48,6 @@ impl WeightMap {
         Ok(nt.tensor)
     }
 
-    /// Takes the first of several candidate names that is present.
-    pub fn take_any(&mut self, names: &[String], shape: &[usize]) -> Result<Tensor> {
-        for n in names {
-            if self.contains(n) {
-                return self.take(n, shape);
-            }
-        }
-        bail!("missing tensor `{}` in the checkpoint", names[0]);
-    }
-
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {
         self.tensors.remove(name).map(|nt| nt.tensor)
     }

@@ -12,6 +12,17 @@ use rayon::prelude::*;
 
 use super::kernel::{contiguous, with_contiguous};
 
+/// The MLP activations of the supported families.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// The tanh approximation ("gelu_new", "gelu_pytorch_tanh").
+    GeluTanh,
+    /// The exact erf form ("gelu").
+    GeluErf,
+    Relu,
+}
+
 /// Elements per parallel chunk: large enough to amortise the task, small enough to balance.
 const CHUNK: usize = 1 << 14;
 

@@ -1,6 +1,10 @@
-//! Tensor operations of the model, written as compositions of candle primitives so that autograd
-//! differentiates them (candle-nn's fused versions have no backward). These are the reference
-//! implementations; faster fused kernels must match them.
+//! The model's tensor operations, on two paths. The fast path is fused CPU kernels, each with its
+//! own hand-written backward (`norm`, `rope`, `attention`, `activation`, `lm_head`, `skinny`):
+//! one pass over memory where candle would make several, and no `[B, H, T, T]` scores or
+//! `[tokens, vocabulary]` logits. The reference path, in this file, composes candle primitives so
+//! that autograd differentiates them (candle-nn's fused ops have no backward); it is what the
+//! fused kernels are tested against (`RLHF_OPS=reference` selects it). `ops` knows nothing of the
+//! model or anything above it.
 
 pub mod activation;
 pub mod attention;
@@ -29,7 +33,7 @@ pub fn default_path() -> OpsPath {
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::model::config::Activation;
+pub use activation::Activation;
 
 /// The model's operations on the chosen path. The fused kernels take f32 CPU tensors; anything
 /// else runs the reference composition.
@@ -164,10 +168,19 @@ pub fn pairwise_differences(x: &Tensor) -> Result<Tensor> {
     x.index_select(&first, 0)? - x.index_select(&second, 0)?
 }
 
-/// log σ(x) = −relu(−x) − log(1 + e^{−|x|}), finite for any x (and differentiable).
+/// log σ(x), finite for any x, with the exact gradient σ(−x) everywhere. The stable value
+/// −relu(−x) − log(1 + e^{−|x|}) composes kinked primitives whose autograd derivatives at x = 0
+/// add up to 1.5 instead of σ(0) = 0.5 — and x = 0 is exactly where DPO starts (policy = the
+/// reference). So the value is computed without gradient and the derivative attached to it as
+/// (x − x̄)·σ(−x̄), which is 0 in value and σ(−x) in slope.
 pub fn log_sigmoid(x: &Tensor) -> Result<Tensor> {
-    let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    x.neg()?.relu()?.neg()? - soft
+    let stable = |x: &Tensor| -> Result<Tensor> {
+        let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+        x.neg()?.relu()?.neg()? - soft
+    };
+    let value = stable(&x.detach())?;
+    let slope = stable(&x.detach().neg()?)?.exp()?;
+    value + (x - x.detach())?.mul(&slope)?
 }
 
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
@@ -330,4 +343,35 @@ pub fn segment_position_ids(segments: &[Vec<u32>]) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Values and gradients against torch.nn.functional.logsigmoid's (hand values: log σ(x) and
+    /// σ(−x)), at 0 too, where a composition of relu and abs gets the slope wrong.
+    #[test]
+    fn log_sigmoid_is_stable_with_the_exact_slope_at_zero() {
+        let x = Var::from_vec(vec![-100f32, -1.0, 0.0, 1.0, 100.0], 5, &Device::Cpu).unwrap();
+        let y = log_sigmoid(x.as_tensor()).unwrap();
+        let values = y.to_vec1::<f32>().unwrap();
+        let want = [
+            -100.0f32,
+            -1.3132617,
+            -std::f32::consts::LN_2,
+            -0.3132617,
+            0.0,
+        ];
+        for (a, b) in values.iter().zip(want) {
+            assert!((a - b).abs() < 1e-5, "{values:?}");
+        }
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let slope = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        let want = [1.0f32, 0.7310586, 0.5, 0.26894143, 0.0];
+        for (a, b) in slope.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{slope:?}");
+        }
+    }
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use super::{Episode, RewardSource};
 use crate::checkpoint::Checkpoint;
 use crate::model::scalar_head::ScalarHead;
-use crate::tokenize::Tokenizer;
+use crate::text::Tokenizer;
 
 pub struct LearnedReward {
     pub checkpoint: Checkpoint,

@@ -9,7 +9,7 @@ pub use rule::RuleReward;
 
 use anyhow::Result;
 
-use crate::tokenize::Tokenizer;
+use crate::text::Tokenizer;
 
 /// One sampled episode as the reward source sees it: the policy's token ids (the response without
 /// a trailing stop token) and their text.
@@ -61,6 +61,11 @@ impl RewardSource for VaderReward {
             .map(|e| self.compound(e.response_text))
             .collect())
     }
+}
+
+/// Whether `spec` names a built-in scorer (`vader`, `rule:…`) rather than a reward model.
+pub fn is_builtin(spec: &str) -> bool {
+    spec == "vader" || spec.starts_with("rule:")
 }
 
 /// `vader`, `rule:…` (see `RuleReward`), or a reward-model directory.

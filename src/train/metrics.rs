@@ -340,3 +340,77 @@ pub fn crc32c(data: &[u8]) -> u32 {
 pub fn masked_crc32c(data: &[u8]) -> u32 {
     crc32c(data).rotate_right(15).wrapping_add(0xa282_ead8)
 }
+
+/// Adds `values` into `acc` by name (appending names not seen yet, in order).
+pub fn add_into(acc: &mut Vec<(String, f64)>, values: &[(String, f64)]) {
+    for (k, v) in values {
+        match acc.iter_mut().find(|(n, _)| n == k) {
+            Some((_, a)) => *a += v,
+            None => acc.push((k.clone(), *v)),
+        }
+    }
+}
+
+/// The steps since the last log line: their metrics are logged as means over the window, with
+/// the throughput of the window.
+pub struct Window {
+    sums: Vec<(String, f64)>,
+    steps: u64,
+    tokens: usize,
+    start: std::time::Instant,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            sums: vec![],
+            steps: 0,
+            tokens: 0,
+            start: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Window {
+    /// One step's metrics (a step that did not update adds only its tokens).
+    pub fn add_step(&mut self, metrics: &[(String, f64)]) {
+        add_into(&mut self.sums, metrics);
+        self.steps += 1;
+    }
+
+    pub fn add_tokens(&mut self, tokens: usize) {
+        self.tokens += tokens;
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// The means of the window's steps and its tokens per second; starts a new window.
+    pub fn close(&mut self) -> (Vec<(String, f64)>, f64) {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let n = self.steps.max(1) as f64;
+        let means = self.sums.iter().map(|(k, v)| (k.clone(), v / n)).collect();
+        let tps = self.tokens as f64 / secs;
+        *self = Window::default();
+        (means, tps)
+    }
+}
+
+/// `name=value` pairs for a progress line (small values in exponent form).
+pub fn format_line(values: &[(String, f64)]) -> String {
+    values
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{k}={}",
+                if v.abs() >= 1e-3 || *v == 0.0 {
+                    format!("{v:.4}")
+                } else {
+                    format!("{v:.3e}")
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -236,3 +236,61 @@ impl AdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Two AdamW updates against values computed by hand (Python floats, torch.optim.AdamW's
+    /// rule: p ← p·(1 − lr·λ) − lr·m̂/(√v̂ + ε)), the second with a clipping factor of 0.5.
+    #[test]
+    fn adamw_matches_hand_computed_updates() {
+        let dev = Device::Cpu;
+        let params = vec![
+            (
+                "matrix".to_string(),
+                Var::from_vec(vec![0.5f32, -1.0, 2.0], (1, 3), &dev).unwrap(),
+            ),
+            (
+                "bias".to_string(),
+                Var::from_vec(vec![0.5f32, -1.0, 2.0], 3, &dev).unwrap(),
+            ),
+        ];
+        let mut opt = AdamW::new(
+            &params,
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+        );
+        let mut grads = GradBuffers::new(&params);
+        let steps = [([0.1f32, -0.2, 0.3], 1.0), ([-0.4, 0.05, 0.0], 0.5)];
+        let want_matrix = [
+            [0.4895000009999999, -0.9890000004999999, 1.9880000003333334],
+            [0.49267153603784886, -0.9822856551440283, 1.9793114181075822],
+        ];
+        for (t, (g, scale)) in steps.iter().enumerate() {
+            for b in &mut grads.bufs {
+                b.copy_from_slice(g);
+            }
+            assert!(opt
+                .update(&params, &grads, 0.01, *scale)
+                .unwrap()
+                .is_empty());
+            let got: Vec<f32> = params[0].1.flatten_all().unwrap().to_vec1().unwrap();
+            for (a, w) in got.iter().zip(want_matrix[t]) {
+                assert!((*a as f64 - w).abs() < 2e-6, "step {}: {got:?}", t + 1);
+            }
+        }
+        assert_eq!(opt.step, 2);
+        // Vectors (norms, biases) are not decayed: the same rule with λ = 0.
+        let bias: Vec<f32> = params[1].1.to_vec1().unwrap();
+        let want_bias = [0.49366103603884887, -0.9842746551445283, 1.9832994181079155];
+        for (a, w) in bias.iter().zip(want_bias) {
+            assert!((*a as f64 - w).abs() < 2e-6, "{bias:?}");
+        }
+    }
+}

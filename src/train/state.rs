@@ -3,12 +3,12 @@
 //! checkpoint intact.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::optim::AdamW;
+use super::step::Optimizer;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
@@ -57,8 +57,7 @@ fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
 /// Writes `checkpoints/step-N` atomically and prunes all but the newest `keep`.
 pub fn save_checkpoint(
     output_dir: &Path,
-    params: &[(String, Var)],
-    optimizer: &AdamW,
+    optimizer: &Optimizer,
     state: &TrainerState,
     keep: usize,
     extra: &[(String, Tensor)],
@@ -72,13 +71,14 @@ pub fn save_checkpoint(
     }
     std::fs::create_dir(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
+    let params = optimizer.params();
     let weights: Vec<(String, Tensor)> = params
         .iter()
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
     save_tensors(&weights, &staging.join("model.safetensors"))?;
     save_tensors(
-        &optimizer.state_tensors(params)?,
+        &optimizer.adamw().state_tensors(params)?,
         &staging.join("optimizer.safetensors"),
     )?;
     if !extra.is_empty() {
@@ -103,11 +103,7 @@ pub fn save_checkpoint(
 }
 
 /// Restores weights and optimizer moments in place; returns the trainer state.
-pub fn load_checkpoint(
-    path: &Path,
-    params: &[(String, Var)],
-    optimizer: &mut AdamW,
-) -> Result<TrainerState> {
+pub fn load_checkpoint(path: &Path, optimizer: &mut Optimizer) -> Result<TrainerState> {
     let state_path = path.join("trainer_state.json");
     let state: TrainerState = serde_json::from_value(crate::io::read_json(&state_path)?)
         .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
@@ -115,7 +111,8 @@ pub fn load_checkpoint(
     let wpath = path.join("model.safetensors");
     let weights = candle_core::safetensors::load(&wpath, &dev)
         .with_context(|| format!("cannot read {}", wpath.display()))?;
-    for (name, var) in params {
+    let params = optimizer.params().to_vec();
+    for (name, var) in &params {
         let Some(t) = weights.get(name) else {
             bail!("{}: lacks tensor `{name}`", wpath.display())
         };
@@ -138,7 +135,7 @@ pub fn load_checkpoint(
         .get("optimizer_steps")
         .and_then(serde_json::Value::as_u64)
         .unwrap_or(state.step - state.skipped_steps);
-    optimizer.load_state(params, &opt, updates)?;
+    optimizer.adamw_mut().load_state(&params, &opt, updates)?;
     Ok(state)
 }
 

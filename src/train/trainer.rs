@@ -2,8 +2,8 @@
 //! loss); the loop owns data order, gradient accumulation, clipping, the learning-rate schedule,
 //! the NaN guard, logging, evaluation and checkpoints.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
+use anyhow::{anyhow, bail, Result};
+use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -11,11 +11,10 @@ use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::time::Instant;
 
-use super::config::TrainConfig;
-use super::metrics::MetricsLogger;
-use super::optim::{AdamW, AdamWConfig, GradBuffers};
-use super::schedule::lr_at;
+use super::arguments::TrainConfig;
+use super::metrics::{add_into, format_line, MetricsLogger, Window};
 use super::state::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
+use super::step::{Optimizer, StepOutcome};
 use crate::model::CausalLm;
 
 /// What one micro-batch contributes to an optimizer step.
@@ -83,77 +82,12 @@ pub fn total_steps(cfg: &TrainConfig, n: usize) -> u64 {
         .max(1.0) as u64
 }
 
-/// Checks before any training time is spent: the output directory is writable, and it does not
-/// hold another run's checkpoints unless we resume.
-pub fn preflight(cfg: &TrainConfig, resume: bool) -> Result<()> {
-    let out = Path::new(&cfg.output_dir);
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create output_dir {}", out.display()))?;
-    let probe = out.join(".rlhf-write-test");
-    std::fs::write(&probe, b"ok")
-        .with_context(|| format!("output_dir {} is not writable", out.display()))?;
-    std::fs::remove_file(&probe).ok();
-    if !resume && latest_checkpoint(out).is_some() {
-        bail!(
-            "output_dir {} already has checkpoints; pass --resume to continue that run, or choose another output_dir",
-            out.display()
-        );
-    }
-    if resume && latest_checkpoint(out).is_none() {
-        eprintln!(
-            "note: --resume given but {} has no checkpoint; starting from the beginning",
-            out.display()
-        );
-    }
-    Ok(())
-}
-
-fn fmt_metrics(values: &[(String, f64)]) -> String {
-    values
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "{k}={}",
-                if v.abs() >= 1e-3 || *v == 0.0 {
-                    format!("{v:.4}")
-                } else {
-                    format!("{v:.3e}")
-                }
-            )
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn add_into(acc: &mut Vec<(String, f64)>, values: &[(String, f64)]) {
-    for (k, v) in values {
-        match acc.iter_mut().find(|(n, _)| n == k) {
-            Some((_, a)) => *a += v,
-            None => acc.push((k.clone(), *v)),
-        }
-    }
-}
-
-/// AdamW over `params` with the run's settings.
-pub fn new_optimizer(cfg: &TrainConfig, params: &[(String, Var)]) -> AdamW {
-    AdamW::new(
-        params,
-        AdamWConfig {
-            beta1: cfg.adam_beta1,
-            beta2: cfg.adam_beta2,
-            eps: cfg.adam_epsilon,
-            weight_decay: cfg.weight_decay,
-        },
-    )
-}
-
 /// Where a run starts: step 0, or, when resuming, the newest checkpoint in `out` (weights and
 /// optimizer moments restored in place; refused if it was made with other settings). Returns the
 /// state and the checkpoint it came from.
 pub fn start_state(
     out: &Path,
-    params: &[(String, Var)],
-    optimizer: &mut AdamW,
+    optimizer: &mut Optimizer,
     fingerprint: &str,
     resume: bool,
 ) -> Result<(TrainerState, Option<std::path::PathBuf>)> {
@@ -166,7 +100,14 @@ pub fn start_state(
     let Some(ck) = latest_checkpoint(out).filter(|_| resume) else {
         return Ok((fresh, None));
     };
-    let loaded = load_checkpoint(&ck, params, optimizer)?;
+    let loaded = load_checkpoint(&ck, optimizer)?;
+    if !crate::train::fingerprint::is_current(&loaded.fingerprint) {
+        bail!(
+            "{}: checkpoint was written by an older rlhf (fingerprint format before {}); resume it with that version, or start again with --overwrite",
+            ck.display(),
+            crate::train::fingerprint::FORMAT
+        );
+    }
     if loaded.fingerprint != fingerprint {
         bail!(
             "{}: checkpoint was made with different settings (data, model or batch/schedule); resume needs the same configuration",
@@ -198,31 +139,24 @@ pub fn train(
     resume: bool,
     fingerprint: &str,
 ) -> Result<TrainOutcome> {
-    let mut all_params = model.parameters().to_vec();
-    all_params.extend(task.extra_parameters());
-    let params = &all_params[..];
     if model.parameters().is_empty() {
         bail!("the model was loaded without trainable parameters");
     }
+    let mut params = model.parameters().to_vec();
+    params.extend(task.extra_parameters());
     let out = Path::new(&cfg.output_dir);
     let n = task.num_examples();
+    if n == 0 {
+        bail!("no training examples");
+    }
     let per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
     let total = total_steps(cfg, n);
-    let warmup = if cfg.warmup_steps > 0 {
-        cfg.warmup_steps
-    } else {
-        (cfg.warmup_ratio * total as f64).ceil() as usize
-    };
-    let mut optimizer = new_optimizer(cfg, params);
-    let (mut state, _) = start_state(out, params, &mut optimizer, fingerprint, resume)?;
+    let mut optimizer = Optimizer::new(cfg, params, total);
+    let (mut state, _) = start_state(out, &mut optimizer, fingerprint, resume)?;
     let mut logger = MetricsLogger::create(out, (resume && state.step > 0).then_some(state.step))?;
-    let mut grads = GradBuffers::new(params);
     let pb = progress_bar(total, "steps", state.step);
 
-    let mut window: Vec<(String, f64)> = Vec::new();
-    let mut window_steps = 0u64;
-    let mut window_tokens = 0usize;
-    let mut window_start = Instant::now();
+    let mut window = Window::default();
     let (mut all_tokens, run_start) = (0usize, Instant::now());
     let mut last_train = Vec::new();
     let mut eval_metrics = Vec::new();
@@ -231,120 +165,83 @@ pub fn train(
         // The starting point, so that curves show where training began.
         let ev = task.evaluate(model)?;
         if !ev.is_empty() {
-            let refs: Vec<(&str, f64)> = ev.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            logger.log(0, &refs)?;
-            pb.suspend(|| eprintln!("step 0/{total} {}", fmt_metrics(&ev)));
+            log(&mut logger, 0, &ev)?;
+            pb.suspend(|| eprintln!("step 0/{total} {}", format_line(&ev)));
         }
     }
     while state.step < total {
         let step = state.step;
-        let lr = lr_at(
-            &cfg.lr_scheduler_type,
-            cfg.learning_rate,
-            warmup,
-            total as usize,
-            step as usize,
-        );
+        // 1. Gradients of the step's micro-batches.
         let examples = step_examples(n, per_step, cfg.seed, step);
-        grads.zero();
         let mut step_metrics: Vec<(String, f64)> = Vec::new();
-        let mut nonfinite: Option<String> = None;
         for micro in examples.chunks(cfg.per_device_train_batch_size) {
             let mb = task.micro_batch(model, micro, &examples)?;
-            let loss_value = mb
-                .loss
-                .to_dtype(candle_core::DType::F32)?
-                .to_scalar::<f32>()?;
-            if !loss_value.is_finite() {
-                nonfinite = Some(format!("non-finite loss ({loss_value})"));
+            optimizer.accumulate(&mb.loss)?;
+            if optimizer.step_is_lost() {
                 break;
             }
-            grads.add(params, &mb.loss.backward()?)?;
             add_into(&mut step_metrics, &mb.metrics);
-            window_tokens += mb.tokens;
+            window.add_tokens(mb.tokens);
             all_tokens += mb.tokens;
         }
-        let grad_norm = grads.global_norm();
-        if nonfinite.is_none() && !grad_norm.is_finite() {
-            nonfinite = Some(format!("non-finite gradient norm ({grad_norm})"));
-        }
-        if let Some(what) = nonfinite {
-            if cfg.on_nonfinite == "stop" {
-                pb.abandon();
-                bail!(
-                    "step {}: {what}; stopped without updating or writing a checkpoint (set on_nonfinite = \"skip\" to skip such steps)",
-                    step + 1
-                );
+        // 2. The update.
+        match optimizer
+            .step(step)
+            .map_err(|e| anyhow!("step {}: {e}", step + 1))
+        {
+            Ok(StepOutcome::Updated { grad_norm, .. }) => {
+                add_into(&mut step_metrics, &[("grad_norm".to_string(), grad_norm)]);
+                window.add_step(&step_metrics);
             }
-            pb.suspend(|| eprintln!("step {}: {what}; step skipped", step + 1));
-            state.skipped_steps += 1;
-        } else {
-            let scale = if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
-                cfg.max_grad_norm / grad_norm
-            } else {
-                1.0
-            };
-            let poisoned = optimizer.update(params, &grads, lr, scale)?;
-            if !poisoned.is_empty() {
-                pb.abandon();
-                bail!(
-                    "step {}: the update made {} non-finite (learning rate {lr:.3e} too high?); stopped without writing a checkpoint",
-                    step + 1,
-                    poisoned[0]
-                );
+            Ok(StepOutcome::Skipped { reason }) => {
+                pb.suspend(|| eprintln!("step {}: {reason}; step skipped", step + 1));
+                state.skipped_steps += 1;
             }
-            add_into(&mut step_metrics, &[("grad_norm".to_string(), grad_norm)]);
-            add_into(&mut window, &step_metrics);
-            window_steps += 1;
+            Err(e) => {
+                pb.abandon();
+                return Err(e);
+            }
         }
         state.step += 1;
         pb.set_position(state.step);
 
+        // 3. Metrics, evaluation, checkpoint.
         let last = state.step == total;
-        if (cfg.logging_steps > 0 && state.step.is_multiple_of(cfg.logging_steps as u64)) || last {
-            if window_steps > 0 {
-                let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-                let mut values: Vec<(String, f64)> = window
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v / window_steps as f64))
-                    .collect();
+        if cfg.logging_steps > 0 && state.step.is_multiple_of(cfg.logging_steps as u64) || last {
+            let had_updates = window.steps() > 0;
+            let (mut values, tokens_per_second) = window.close();
+            if had_updates {
+                let lr = optimizer.learning_rate(step);
                 values.push(("learning_rate".into(), lr));
                 values.push((
                     "epoch".into(),
                     (state.step as f64 * per_step as f64) / n as f64,
                 ));
-                values.push(("tokens_per_second".into(), window_tokens as f64 / secs));
-                let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                logger.log(state.step, &refs)?;
+                values.push(("tokens_per_second".into(), tokens_per_second));
+                log(&mut logger, state.step, &values)?;
                 let loss = values
                     .iter()
                     .find(|(k, _)| k == "loss")
                     .map_or(f64::NAN, |(_, v)| *v);
                 pb.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {:.0} tok/s",
-                    window_tokens as f64 / secs
+                    "loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
                 ));
                 if pb.is_hidden() {
-                    eprintln!("step {}/{total} {}", state.step, fmt_metrics(&values));
+                    eprintln!("step {}/{total} {}", state.step, format_line(&values));
                 }
                 last_train = values;
             }
-            window.clear();
-            window_steps = 0;
-            window_tokens = 0;
-            window_start = Instant::now();
         }
         if (cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps as u64)) || last {
             let ev = task.evaluate(model)?;
             if !ev.is_empty() {
-                let refs: Vec<(&str, f64)> = ev.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                logger.log(state.step, &refs)?;
-                pb.suspend(|| eprintln!("step {}/{total} {}", state.step, fmt_metrics(&ev)));
+                log(&mut logger, state.step, &ev)?;
+                pb.suspend(|| eprintln!("step {}/{total} {}", state.step, format_line(&ev)));
                 eval_metrics = ev;
             }
         }
         if cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last) {
-            save_checkpoint(out, params, &optimizer, &state, cfg.save_total_limit, &[])?;
+            save_checkpoint(out, &optimizer, &state, cfg.save_total_limit, &[])?;
         }
     }
     pb.finish_and_clear();
@@ -355,6 +252,12 @@ pub fn train(
         eval_metrics,
         tokens_per_second: all_tokens as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
     })
+}
+
+/// One metrics line (JSONL + TensorBoard).
+pub fn log(logger: &mut MetricsLogger, step: u64, values: &[(String, f64)]) -> Result<()> {
+    let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    logger.log(step, &refs)
 }
 
 #[cfg(test)]

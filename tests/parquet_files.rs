@@ -334,9 +334,7 @@ fn conversational_preferences_chosen_rejected_as_message_lists() {
 // ---- files written by pyarrow (see tests/fixtures/parquet/README.md) ----
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/parquet")
-        .join(name)
+    crate::common::fixture(&format!("parquet/{name}"))
 }
 
 #[test]

@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::Path;
 
+pub use crate::ops::Activation;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     /// Pre-norm RMSNorm decoder with rotary positions, SwiGLU MLP and grouped-query attention.
@@ -15,26 +17,15 @@ pub enum Family {
     Gpt2,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// The tanh approximation ("gelu_new", "gelu_pytorch_tanh").
-    GeluTanh,
-    /// The exact erf form ("gelu").
-    GeluErf,
-    Relu,
-}
-
-impl Activation {
-    fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "silu" | "swish" => Activation::Silu,
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
-            "gelu" => Activation::GeluErf,
-            "relu" => Activation::Relu,
-            other => bail!("unsupported activation function `{other}`"),
-        })
-    }
+/// The MLP activation named by config.json's `hidden_act` / `activation_function`.
+fn parse_activation(name: &str) -> Result<Activation> {
+    Ok(match name {
+        "silu" | "swish" => Activation::Silu,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+        "gelu" => Activation::GeluErf,
+        "relu" => Activation::Relu,
+        other => bail!("unsupported activation function `{other}`"),
+    })
 }
 
 /// Rotary-embedding frequency scaling (`rope_scaling` in config.json).
@@ -228,7 +219,7 @@ impl ModelConfig {
             qkv_bias: is_qwen2 || attention_bias,
             o_bias: !is_qwen2 && attention_bias,
             mlp_bias: opt_bool(&raw, "mlp_bias").unwrap_or(false),
-            activation: Activation::parse(
+            activation: parse_activation(
                 raw.get("hidden_act")
                     .and_then(Value::as_str)
                     .unwrap_or("silu"),
@@ -271,7 +262,7 @@ impl ModelConfig {
             qkv_bias: true,
             o_bias: true,
             mlp_bias: true,
-            activation: Activation::parse(
+            activation: parse_activation(
                 raw.get("activation_function")
                     .and_then(Value::as_str)
                     .unwrap_or("gelu_new"),
@@ -319,6 +310,28 @@ impl ModelConfig {
             bail!("vocab_size and hidden_size must be positive");
         }
         Ok(())
+    }
+
+    /// The longest sequence the model takes: GPT-2's learned positions end at `n_positions`;
+    /// the rotary families have no hard limit.
+    pub fn position_limit(&self) -> Option<usize> {
+        (self.family == Family::Gpt2).then_some(self.max_position_embeddings)
+    }
+
+    /// `len` lowered to the position limit.
+    pub fn fit_length(&self, len: usize) -> usize {
+        self.position_limit().map_or(len, |limit| len.min(limit))
+    }
+
+    /// Errors when `len` tokens would not fit the model's positions; `what` says where the
+    /// length comes from.
+    pub fn check_length(&self, len: usize, what: &str) -> Result<()> {
+        match self.position_limit() {
+            Some(limit) if len > limit => {
+                bail!("{what} ({len} tokens) exceeds the model's {limit} positions")
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Number of parameters (counting tied embeddings once).

@@ -31,7 +31,7 @@ use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Output, State, UndefinedBehavior};
 use serde_json::{Map, Value as Json};
 
-use crate::tokenize::Tokenizer;
+use crate::text::Tokenizer;
 
 const TEMPLATE_NAME: &str = "chat_template";
 

@@ -1,0 +1,253 @@
+//! One rollout: episodes sampled from the policy and scored, with the reference's log-probs and
+//! the value model's estimates, kept as padded `[N, W]` tensors. Column t of row n holds the
+//! quantity for token t + 1 of sequence n — the layout of `CausalLm::completion_logprobs` — and
+//! `mask` marks the response tokens; everything outside the response is 0.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use std::ops::Range;
+use std::time::Instant;
+
+use crate::data::prompts::Prompt;
+use crate::generate::{generate, Sample, SamplingConfig};
+use crate::model::scalar_head::ScalarHead;
+use crate::model::{CausalLm, StepInputs};
+use crate::ops;
+use crate::reward::{Episode, RewardSource};
+use crate::text::Tokenizer;
+
+/// A value model: a body with a scalar head at every position.
+#[derive(Clone, Copy)]
+pub struct ValueModel<'a> {
+    pub body: &'a CausalLm,
+    pub head: &'a ScalarHead,
+}
+
+impl ValueModel<'_> {
+    /// V(s_t) for every position that predicts a token, [N, T − 1] (right-padded batch).
+    pub fn values(&self, seqs: &[&[u32]]) -> Result<Tensor> {
+        let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let inp = StepInputs::right_padded(&self.body.config, seqs)?;
+        let hidden = self.body.forward_hidden(&inp, None)?.narrow(1, 0, t - 1)?;
+        self.head.all_positions(&hidden)
+    }
+}
+
+pub struct Rollout {
+    /// Index of each episode's prompt in the prompt set.
+    pub prompt_index: Vec<usize>,
+    /// Prompt + response ids (a stop token that ended the response included).
+    pub sequences: Vec<Vec<u32>>,
+    pub prompt_lens: Vec<usize>,
+    /// The response text the reward source judged (without the stop token).
+    pub texts: Vec<String>,
+    /// Whether a stop token ended the response (false: it ran out of length).
+    pub stopped: Vec<bool>,
+    /// Σ over the response of the sampling distribution's entropy, per episode.
+    pub entropies: Vec<f64>,
+    /// The reward source's scores, as returned.
+    pub scores: Vec<f32>,
+    /// [N, W]: 1 on response tokens.
+    pub mask: Tensor,
+    /// log π_old of each response token (the sampler's, i.e. the policy's before the update).
+    pub old_logp: Tensor,
+    /// log π_ref of each response token, when the algorithm uses a reference.
+    pub ref_logp: Option<Tensor>,
+    /// V(s_t) before each response token, when there is a value model.
+    pub values: Option<Tensor>,
+    /// Seconds spent sampling and scoring.
+    pub generation_secs: f64,
+    pub scoring_secs: f64,
+}
+
+/// What `collect` needs besides the policy and the prompts.
+pub struct Collect<'a> {
+    pub reference: Option<&'a CausalLm>,
+    pub value: Option<ValueModel<'a>>,
+    pub reward: &'a mut dyn RewardSource,
+    pub tokenizer: &'a Tokenizer,
+    /// Rows per forward pass of the reference and value models.
+    pub chunk: usize,
+}
+
+/// Phase 1 of an iteration: sample a response to each chosen prompt, score it, and compute the
+/// reference log-probs and values of every response token (no gradients).
+pub fn collect(
+    policy: &CausalLm,
+    prompts: &[Prompt],
+    chosen: &[usize],
+    sampling: &SamplingConfig,
+    with: Collect,
+) -> Result<Rollout> {
+    let t0 = Instant::now();
+    let prompt_ids: Vec<Vec<u32>> = chosen.iter().map(|&i| prompts[i].ids.clone()).collect();
+    let samples: Vec<Sample> = generate(policy, &prompt_ids, sampling)?;
+    let generation_secs = t0.elapsed().as_secs_f64();
+
+    // Scores of the text without its stop token.
+    let t1 = Instant::now();
+    let bodies: Vec<&[u32]> = samples.iter().map(Sample::response).collect();
+    let texts: Vec<String> = bodies
+        .iter()
+        .map(|b| with.tokenizer.decode(b, true))
+        .collect::<Result<_>>()?;
+    let episodes: Vec<Episode> = chosen
+        .iter()
+        .zip(&samples)
+        .zip(bodies.iter().zip(&texts))
+        .map(|((&i, s), (b, t))| Episode {
+            prompt_ids: &s.prompt,
+            response_ids: b,
+            prompt_text: &prompts[i].text,
+            response_text: t,
+        })
+        .collect();
+    let scores = with.reward.score(&episodes)?;
+    if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
+        bail!(
+            "the reward source ({}) returned {} for the response {:?}",
+            with.reward.describe(),
+            scores[i],
+            texts[i]
+        );
+    }
+    let scoring_secs = t1.elapsed().as_secs_f64();
+
+    let sequences: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
+        .collect();
+    let prompt_lens: Vec<usize> = samples.iter().map(|s| s.prompt.len()).collect();
+    let mut rollout = Rollout {
+        prompt_index: chosen.to_vec(),
+        stopped: samples.iter().map(|s| s.stopped).collect(),
+        entropies: samples
+            .iter()
+            .map(|s| s.entropies.iter().map(|&e| e as f64).sum())
+            .collect(),
+        texts,
+        scores,
+        mask: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+        old_logp: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+        ref_logp: None,
+        values: None,
+        sequences,
+        prompt_lens,
+        generation_secs,
+        scoring_secs,
+    };
+    let ones: Vec<Vec<f32>> = samples.iter().map(|s| vec![1.0; s.tokens.len()]).collect();
+    rollout.mask = rollout.padded(&ones)?;
+    let old: Vec<Vec<f32>> = samples.iter().map(|s| s.model_logprobs.clone()).collect();
+    rollout.old_logp = rollout.padded(&old)?;
+    rollout.ref_logp = with
+        .reference
+        .map(|r| {
+            rollout.no_grad_pass(with.chunk, |s, st| {
+                r.completion_logprobs(s, st, ops::default_path())
+                    .map(|o| o.0)
+            })
+        })
+        .transpose()?;
+    rollout.values = with
+        .value
+        .map(|v| rollout.no_grad_pass(with.chunk, |s, _| v.values(s)))
+        .transpose()?;
+    Ok(rollout)
+}
+
+impl Rollout {
+    pub fn len(&self) -> usize {
+        self.sequences.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sequences.is_empty()
+    }
+
+    /// W: the width of the per-token tensors.
+    pub fn width(&self) -> usize {
+        self.sequences.iter().map(Vec::len).max().unwrap_or(1) - 1
+    }
+
+    /// The columns of episode n's response tokens.
+    pub fn response_columns(&self, n: usize) -> Range<usize> {
+        self.prompt_lens[n] - 1..self.sequences[n].len() - 1
+    }
+
+    pub fn response_len(&self, n: usize) -> usize {
+        self.response_columns(n).len()
+    }
+
+    /// The response part of each row of a `[N, W]` tensor.
+    pub fn responses(&self, t: &Tensor) -> Result<Vec<Vec<f32>>> {
+        let rows = t.to_vec2::<f32>()?;
+        Ok(rows
+            .into_iter()
+            .enumerate()
+            .map(|(n, r)| r[self.response_columns(n)].to_vec())
+            .collect())
+    }
+
+    /// A `[N, W]` tensor holding `rows[n]` in episode n's response columns, 0 elsewhere.
+    pub fn padded(&self, rows: &[Vec<f32>]) -> Result<Tensor> {
+        let w = self.width();
+        let mut out = vec![0f32; rows.len() * w];
+        for (n, r) in rows.iter().enumerate() {
+            let cols = self.response_columns(n);
+            if r.len() != cols.len() {
+                bail!(
+                    "episode {n}: {} values for {} response tokens",
+                    r.len(),
+                    cols.len()
+                );
+            }
+            out[n * w + cols.start..n * w + cols.end].copy_from_slice(r);
+        }
+        Ok(Tensor::from_vec(out, (rows.len(), w), &Device::Cpu)?)
+    }
+
+    /// Σ over each response of log π_old − log π_ref (the sequence-level KL estimate), when a
+    /// reference was computed.
+    pub fn sequence_kl(&self) -> Result<Option<Vec<f64>>> {
+        let Some(r) = &self.ref_logp else {
+            return Ok(None);
+        };
+        let (old, reference) = (self.responses(&self.old_logp)?, self.responses(r)?);
+        Ok(Some(
+            old.iter()
+                .zip(&reference)
+                .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y) as f64).sum())
+                .collect(),
+        ))
+    }
+
+    /// Runs `pass` over the sequences in chunks of `chunk` rows (without gradients) and lays its
+    /// `[n, w]` outputs into one `[N, W]` tensor, masked to the responses.
+    fn no_grad_pass(
+        &self,
+        chunk: usize,
+        pass: impl Fn(&[&[u32]], &[usize]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let w = self.width();
+        let mut parts = Vec::new();
+        for (seqs, starts) in self
+            .sequences
+            .chunks(chunk)
+            .zip(self.prompt_lens.chunks(chunk))
+        {
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let out = pass(&refs, starts)?.detach();
+            let width = out.dim(1)?;
+            parts.push(out.pad_with_zeros(1, 0, w - width)?);
+        }
+        Ok((Tensor::cat(&parts, 0)? * &self.mask)?)
+    }
+
+    /// Rows `rows` of a `[N, W]` tensor, cut to the first `width` columns.
+    pub fn select(t: &Tensor, rows: &[usize], width: usize) -> Result<Tensor> {
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), &Device::Cpu)?;
+        Ok(t.index_select(&idx, 0)?.narrow(1, 0, width)?)
+    }
+}

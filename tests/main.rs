@@ -1,0 +1,28 @@
+//! The integration tests, in one test binary: each file below is a module, and `common` holds the
+//! helpers they share (fixture paths, running the `rlhf` binary, reading its outputs). One binary
+//! links the crate once instead of once per file.
+
+mod common;
+
+mod accumulation;
+mod chat_template;
+mod cli_errors;
+mod convert;
+mod eval;
+mod fused_ops;
+mod generate;
+mod grad;
+mod metrics;
+mod output_dir;
+mod parity;
+mod parquet_files;
+mod ppo;
+mod preference;
+mod quickstart;
+mod settings;
+mod sft;
+mod sft_data;
+mod smollm2;
+mod sources;
+mod tokenizer;
+mod train_guard;
