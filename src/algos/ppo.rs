@@ -592,6 +592,7 @@ mod tests {
             values: Some(t([[0.0, 0.5, 0.25, 0.75], [0.0, 0.0, 0.1, -0.2]])),
             generation_secs: 0.0,
             scoring_secs: 0.0,
+            passes_secs: 0.0,
         }
     }
 

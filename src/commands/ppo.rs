@@ -70,6 +70,35 @@ pub fn help_text() -> String {
           logging_steps and save_steps count iterations; eval_steps is refused (use rlhf eval).\n"
 }
 
+/// The frozen reference (`ref_model`, else the policy's start) and the value model: a body with
+/// a fresh scalar head, from `value_model`, else the reward model when it is one (InstructGPT),
+/// else the policy. Returns them and where the value model came from.
+fn load_reference_and_value(
+    run: &PpoRunConfig,
+    train: &TrainConfig,
+) -> Result<(Checkpoint, Checkpoint, ScalarHead, String)> {
+    let ref_spec = if run.ref_model.is_empty() {
+        &run.model
+    } else {
+        &run.ref_model
+    };
+    let reference = Checkpoint::load(ref_spec, false)?;
+    let value_source = match (
+        run.value_model.is_empty(),
+        crate::reward::is_builtin(&run.reward),
+    ) {
+        (false, _) => run.value_model.clone(),
+        (true, false) => run.reward.clone(),
+        (true, true) => run.model.clone(),
+    };
+    let mut value = Checkpoint::load(&value_source, true)?;
+    value.model.drop_lm_head();
+    let mut head = ScalarHead::from_model(&mut value.model, train.seed)?;
+    head.bias = 0.0;
+    eprintln!("value model: from {value_source}");
+    Ok((reference, value, head, value_source))
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
     let settings = args.settings(&[PpoRunConfig::KEYS, PpoConfig::KEYS, TrainConfig::KEYS])?;
     let origin = settings.origin().to_string();
@@ -117,30 +146,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut reward =
         crate::reward::from_spec(&run.reward, tok, train_cfg.per_device_eval_batch_size)?;
     eprintln!("reward: {}", reward.describe());
-    let ref_spec = if run.ref_model.is_empty() {
-        &run.model
-    } else {
-        &run.ref_model
-    };
-    let reference = Checkpoint::load(ref_spec, false)?;
+    let (reference, value, value_head, value_source) = load_reference_and_value(&run, &train_cfg)?;
     if reference.model.config.vocab_size != mc.vocab_size {
-        bail!("{ref_spec}: the reference model's vocabulary differs from the policy's");
+        bail!(
+            "{}: the reference model's vocabulary differs from the policy's",
+            run.ref_model
+        );
     }
-    // InstructGPT initialises the value function from the reward model.
-    let value_source = match (
-        run.value_model.is_empty(),
-        crate::reward::is_builtin(&run.reward),
-    ) {
-        (false, _) => run.value_model.clone(),
-        (true, false) => run.reward.clone(),
-        (true, true) => run.model.clone(),
-    };
-    let mut value = Checkpoint::load(&value_source, true)?;
-    value.model.drop_lm_head();
-    let mut value_head = ScalarHead::from_model(&mut value.model, train_cfg.seed)?;
-    value_head.bias = 0.0;
-    eprintln!("value model: from {value_source}");
-
     let fp = resume_fingerprint(
         &[
             json!([

@@ -235,10 +235,142 @@ fn tiny_base(data: &Data, dir: &Path, seed: u64) -> Result<()> {
     crate::checkpoint::save_model_files(&model, dir)
 }
 
+/// The data files the stages read, written under `out/data`.
+struct Files {
+    dir: PathBuf,
+    pretrain: PathBuf,
+    heldout: PathBuf,
+    sft: PathBuf,
+    prompts: PathBuf,
+    eval_prompts: PathBuf,
+    train_prompts: Vec<String>,
+}
+
+fn write_files(out: &Path, plan: &Plan, data: &Data, seed: u64) -> Result<Files> {
+    let dir = out.join("data");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed + 1);
+    let train_prompts: Vec<String> = data
+        .train
+        .iter()
+        .filter_map(|s| prompt_of(s, &mut rng))
+        .collect();
+    let eval_prompts: Vec<String> = data
+        .heldout
+        .iter()
+        .filter_map(|s| prompt_of(s, &mut rng))
+        .collect();
+    let file = |name: &str, lines: Vec<Value>| -> Result<PathBuf> {
+        let p = dir.join(name);
+        write_jsonl(&p, &lines)?;
+        Ok(p)
+    };
+    let texts = |v: &[String]| v.iter().map(|t| json!({"text": t})).collect();
+    // SFT: complete a sentence from its first words.
+    let sft = data
+        .train
+        .iter()
+        .filter_map(|s| {
+            let w: Vec<&str> = s.split_whitespace().collect();
+            (w.len() >= 5).then(|| {
+                json!({"prompt": w[..3].join(" "), "completion": format!(" {}", w[3..].join(" "))})
+            })
+        })
+        .collect();
+    let prompts = |v: &[String]| v.iter().map(|p| json!({"prompt": p})).collect();
+    Ok(Files {
+        pretrain: file("pretrain.jsonl", texts(&data.train))?,
+        heldout: file("heldout.jsonl", texts(&data.heldout))?,
+        sft: file("sft.jsonl", sft)?,
+        prompts: file("prompts-train.jsonl", prompts(&train_prompts))?,
+        eval_prompts: file(
+            "prompts-eval.jsonl",
+            prompts(&eval_prompts[..plan.eval_prompts.min(eval_prompts.len())]),
+        )?,
+        train_prompts,
+        dir,
+    })
+}
+
+/// The tiny model: a byte-level BPE and a random Llama-family model, pretrained on the bundled
+/// sentences. Returns its directory.
+fn pretrain(
+    out: &Path,
+    files: &Files,
+    data: &Data,
+    plan: &Plan,
+    seed: u64,
+    times: &mut Times,
+) -> Result<String> {
+    let t = Instant::now();
+    let base = out.join("base");
+    eprintln!("== tiny model: byte-level BPE (1024 tokens) trained on {} sentences, Llama-family 4 layers × 128 (random init)", data.train.len());
+    tiny_base(data, &base, seed)?;
+    times.push(("tokenizer + init", t.elapsed().as_secs_f64()));
+    let dir = out.join("pretrain");
+    let secs = stage(
+        "sft",
+        "pretraining: language modelling on the bundled review sentences",
+        vec![
+            format!("model={}", quote(&base)),
+            format!("train_file={}", quote(&files.pretrain)),
+            format!("eval_file={}", quote(&files.heldout)),
+            format!("output_dir={}", quote(&dir)),
+            format!("max_steps={}", plan.pretrain_steps),
+            "per_device_train_batch_size=32".into(),
+            "per_device_eval_batch_size=64".into(),
+            "learning_rate=3e-3".into(),
+            "lr_scheduler_type=\"cosine\"".into(),
+            "warmup_steps=30".into(),
+            "max_length=64".into(),
+            "weight_decay=0.01".into(),
+            format!("eval_steps={}", plan.pretrain_steps),
+            "logging_steps=50".into(),
+            "save_steps=0".into(),
+            format!("seed={seed}"),
+        ],
+        train_stage(super::sft::run),
+    )?;
+    times.push(("pretraining", secs));
+    Ok(dir.to_string_lossy().to_string())
+}
+
+/// K samples of the SFT model per prompt ranked by VADER: rankings and best/worst pairs.
+fn preferences(sft: &Path, files: &Files, plan: &Plan, seed: u64) -> Result<(PathBuf, PathBuf)> {
+    eprintln!(
+        "\n== preferences: sample the SFT model, rank with the judge (VADER compound sentiment)"
+    );
+    let prompts: Vec<String> = files
+        .train_prompts
+        .iter()
+        .take(plan.ranking_prompts)
+        .cloned()
+        .collect();
+    let (rankings, pairs) = (
+        files.dir.join("rankings.jsonl"),
+        files.dir.join("pairs.jsonl"),
+    );
+    let made = super::preferences::rank_samples(
+        &sft.to_string_lossy(),
+        &prompts,
+        &mut VaderReward::new(),
+        plan.k,
+        plan.response_length,
+        seed,
+        &rankings,
+        &pairs,
+    )?;
+    if made < 8 {
+        bail!("only {made} prompts had samples the judge could rank");
+    }
+    Ok((rankings, pairs))
+}
+
+type Times = Vec<(&'static str, f64)>;
+
 pub fn run(args: &QuickstartArgs) -> Result<()> {
     let start = Instant::now();
-    let out = crate::io::expand_tilde(&args.out.to_string_lossy());
-    let out = PathBuf::from(out);
+    let out = PathBuf::from(crate::io::expand_tilde(&args.out.to_string_lossy()));
     if out.join("report").join("report.md").exists() {
         bail!(
             "{} already holds a finished quickstart; choose another --out",
@@ -251,219 +383,92 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
             out.display()
         );
     }
-    let data_dir = out.join("data");
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let plan = Plan::new(args.model.is_some(), args.smoke);
-    let data = split_data(args.seed);
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(args.seed + 1);
-    let train_prompts: Vec<String> = data
-        .train
-        .iter()
-        .filter_map(|s| prompt_of(s, &mut rng))
-        .collect();
-    let eval_prompts: Vec<String> = data
-        .heldout
-        .iter()
-        .filter_map(|s| prompt_of(s, &mut rng))
-        .collect();
-    let file = |name: &str, lines: Vec<Value>| -> Result<PathBuf> {
-        let p = data_dir.join(name);
-        write_jsonl(&p, &lines)?;
-        Ok(p)
-    };
-    let pretrain_file = file(
-        "pretrain.jsonl",
-        data.train.iter().map(|t| json!({"text": t})).collect(),
-    )?;
-    let heldout_file = file(
-        "heldout.jsonl",
-        data.heldout.iter().map(|t| json!({"text": t})).collect(),
-    )?;
-    // SFT: complete a sentence from its first words.
-    let sft_file = file(
-        "sft.jsonl",
-        data.train
-            .iter()
-            .filter_map(|s| {
-                let w: Vec<&str> = s.split_whitespace().collect();
-                (w.len() >= 5).then(|| json!({"prompt": w[..3].join(" "), "completion": format!(" {}", w[3..].join(" "))}))
-            })
-            .collect(),
-    )?;
-    let prompt_file = file(
-        "prompts-train.jsonl",
-        train_prompts.iter().map(|p| json!({"prompt": p})).collect(),
-    )?;
-    let eval_prompt_file = file(
-        "prompts-eval.jsonl",
-        eval_prompts
-            .iter()
-            .take(plan.eval_prompts)
-            .map(|p| json!({"prompt": p}))
-            .collect(),
-    )?;
-    let mut times: Vec<(&str, f64)> = vec![];
-
+    let (plan, seed) = (Plan::new(args.model.is_some(), args.smoke), args.seed);
+    let data = split_data(seed);
+    let files = write_files(&out, &plan, &data, seed)?;
+    let mut times: Times = vec![];
     let sft_start = match &args.model {
         Some(m) => m.clone(),
-        None => {
-            let t = Instant::now();
-            let base = out.join("base");
-            eprintln!("== tiny model: byte-level BPE (1024 tokens) trained on {} sentences, Llama-family 4 layers × 128 (random init)", data.train.len());
-            tiny_base(&data, &base, args.seed)?;
-            times.push(("tokenizer + init", t.elapsed().as_secs_f64()));
-            let secs = stage(
-                "sft",
-                "pretraining: language modelling on the bundled review sentences",
-                vec![
-                    format!("model={}", quote(&base)),
-                    format!("train_file={}", quote(&pretrain_file)),
-                    format!("eval_file={}", quote(&heldout_file)),
-                    format!("output_dir={}", quote(&out.join("pretrain"))),
-                    format!("max_steps={}", plan.pretrain_steps),
-                    "per_device_train_batch_size=32".into(),
-                    "per_device_eval_batch_size=64".into(),
-                    "learning_rate=3e-3".into(),
-                    "lr_scheduler_type=\"cosine\"".into(),
-                    "warmup_steps=30".into(),
-                    "max_length=64".into(),
-                    "weight_decay=0.01".into(),
-                    format!("eval_steps={}", plan.pretrain_steps),
-                    "logging_steps=50".into(),
-                    "save_steps=0".into(),
-                    format!("seed={}", args.seed),
-                ],
-                train_stage(super::sft::run),
-            )?;
-            times.push(("pretraining", secs));
-            out.join("pretrain").to_string_lossy().to_string()
-        }
+        None => pretrain(&out, &files, &data, &plan, seed, &mut times)?,
     };
-    let sft = out.join("sft");
+    let [sft, rm, ppo, dpo] = ["sft", "rm", "ppo", "dpo"].map(|d| out.join(d));
+    let common = |steps: usize, batch: usize, lr: f64, logging: usize| -> Vec<String> {
+        vec![
+            format!("max_steps={steps}"),
+            format!("per_device_train_batch_size={batch}"),
+            format!("learning_rate={lr}"),
+            format!("logging_steps={logging}"),
+            "save_steps=0".into(),
+            format!("seed={seed}"),
+        ]
+    };
+
+    let mut sets = vec![
+        format!("model=\"{sft_start}\""),
+        format!("train_file={}", quote(&files.sft)),
+        format!("output_dir={}", quote(&sft)),
+        "max_length=64".into(),
+    ];
+    sets.extend(common(plan.sft_steps, 16, plan.sft_lr, 20));
+    let what = "SFT: complete a review from its first three words";
     times.push((
         "SFT",
-        stage(
-            "sft",
-            "SFT: complete a review from its first three words",
-            vec![
-                format!("model=\"{sft_start}\""),
-                format!("train_file={}", quote(&sft_file)),
-                format!("output_dir={}", quote(&sft)),
-                format!("max_steps={}", plan.sft_steps),
-                "per_device_train_batch_size=16".into(),
-                format!("learning_rate={}", plan.sft_lr),
-                "max_length=64".into(),
-                "logging_steps=20".into(),
-                "save_steps=0".into(),
-                format!("seed={}", args.seed),
-            ],
-            train_stage(super::sft::run),
-        )?,
+        stage("sft", what, sets, train_stage(super::sft::run))?,
     ));
 
-    eprintln!(
-        "\n== preferences: sample the SFT model, rank with the judge (VADER compound sentiment)"
-    );
     let t = Instant::now();
-    let ranking_prompts: Vec<String> = train_prompts
-        .iter()
-        .take(plan.ranking_prompts)
-        .cloned()
-        .collect();
-    let (rankings_file, pairs_file) = (
-        data_dir.join("rankings.jsonl"),
-        data_dir.join("pairs.jsonl"),
-    );
-    let made = super::preferences::rank_samples(
-        &sft.to_string_lossy(),
-        &ranking_prompts,
-        &mut VaderReward::new(),
-        plan.k,
-        plan.response_length,
-        args.seed,
-        &rankings_file,
-        &pairs_file,
-    )?;
-    if made < 8 {
-        bail!("only {made} prompts had samples the judge could rank");
-    }
+    let (rankings, pairs) = preferences(&sft, &files, &plan, seed)?;
     times.push(("sampling + judging", t.elapsed().as_secs_f64()));
 
-    let rm = out.join("rm");
+    let mut sets = vec![
+        format!("model={}", quote(&sft)),
+        format!("train_file={}", quote(&rankings)),
+        "eval_split=0.1".into(),
+        format!("output_dir={}", quote(&rm)),
+        format!("eval_steps={}", plan.rm_steps),
+    ];
+    sets.extend(common(plan.rm_steps, 8, plan.sft_lr, 25));
+    let what = format!(
+        "reward model: K={} rankings, all C(K,2) pairs of a prompt in one batch element",
+        plan.k
+    );
     times.push((
         "reward model",
-        stage(
-            "rm",
-            &format!(
-                "reward model: K={} rankings, all C(K,2) pairs of a prompt in one batch element",
-                plan.k
-            ),
-            vec![
-                format!("model={}", quote(&sft)),
-                format!("train_file={}", quote(&rankings_file)),
-                "eval_split=0.1".into(),
-                format!("output_dir={}", quote(&rm)),
-                format!("max_steps={}", plan.rm_steps),
-                "per_device_train_batch_size=8".into(),
-                format!("learning_rate={}", plan.sft_lr),
-                format!("eval_steps={}", plan.rm_steps),
-                "logging_steps=25".into(),
-                "save_steps=0".into(),
-                format!("seed={}", args.seed),
-            ],
-            train_stage(super::rm::run),
-        )?,
+        stage("rm", &what, sets, train_stage(super::rm::run))?,
     ));
 
-    let ppo = out.join("ppo");
+    // A PPO step is an iteration: max_steps = 0 lets total_episodes set their number.
+    let mut sets = vec![
+        format!("model={}", quote(&sft)),
+        format!("reward={}", quote(&rm)),
+        format!("prompt_file={}", quote(&files.prompts)),
+        format!("output_dir={}", quote(&ppo)),
+        format!("total_episodes={}", plan.ppo_episodes),
+        format!("response_length={}", plan.response_length),
+        "kl_coef=0.1".into(),
+        "num_ppo_epochs=2".into(),
+        "lr_scheduler_type=\"constant\"".into(),
+        "sample_every=20".into(),
+    ];
+    sets.extend(common(0, 16, plan.rl_lr, 1));
+    let what = "PPO against the reward model, per-token KL penalty to the SFT model";
     times.push((
         "PPO",
-        stage(
-            "ppo",
-            "PPO against the reward model, per-token KL penalty to the SFT model",
-            vec![
-                format!("model={}", quote(&sft)),
-                format!("reward={}", quote(&rm)),
-                format!("prompt_file={}", quote(&prompt_file)),
-                format!("output_dir={}", quote(&ppo)),
-                format!("total_episodes={}", plan.ppo_episodes),
-                format!("response_length={}", plan.response_length),
-                "kl_coef=0.1".into(),
-                "num_ppo_epochs=2".into(),
-                "per_device_train_batch_size=16".into(),
-                format!("learning_rate={}", plan.rl_lr),
-                "lr_scheduler_type=\"constant\"".into(),
-                "save_steps=0".into(),
-                "logging_steps=1".into(),
-                "sample_every=20".into(),
-                format!("seed={}", args.seed),
-            ],
-            train_stage(super::ppo::run),
-        )?,
+        stage("ppo", what, sets, train_stage(super::ppo::run))?,
     ));
 
-    let dpo = out.join("dpo");
+    let mut sets = vec![
+        format!("model={}", quote(&sft)),
+        format!("train_file={}", quote(&pairs)),
+        format!("output_dir={}", quote(&dpo)),
+        format!("ref_cache_dir={}", quote(&out.join("ref-cache"))),
+        "beta=0.1".into(),
+    ];
+    sets.extend(common(plan.dpo_steps, 8, plan.dpo_lr, 25));
+    let what = "DPO on the same preferences (best vs worst of each ranking)";
     times.push((
         "DPO",
-        stage(
-            "dpo",
-            "DPO on the same preferences (best vs worst of each ranking)",
-            vec![
-                format!("model={}", quote(&sft)),
-                format!("train_file={}", quote(&pairs_file)),
-                format!("output_dir={}", quote(&dpo)),
-                format!("ref_cache_dir={}", quote(&out.join("ref-cache"))),
-                "beta=0.1".into(),
-                format!("max_steps={}", plan.dpo_steps),
-                "per_device_train_batch_size=8".into(),
-                format!("learning_rate={}", plan.dpo_lr),
-                "logging_steps=25".into(),
-                "save_steps=0".into(),
-                format!("seed={}", args.seed),
-            ],
-            train_stage(super::dpo::run),
-        )?,
+        stage("dpo", what, sets, train_stage(super::dpo::run))?,
     ));
 
     eprintln!("\n== evaluation on held-out prompts, judged by VADER");
@@ -475,21 +480,20 @@ pub fn run(args: &QuickstartArgs) -> Result<()> {
             format!("dpo={}", dpo.display()),
         ],
         judge: "vader".into(),
-        prompt_file: eval_prompt_file.to_string_lossy().to_string(),
+        prompt_file: files.eval_prompts.to_string_lossy().to_string(),
         response_length: plan.response_length,
-        text_file: heldout_file.to_string_lossy().to_string().into(),
+        text_file: files.heldout.to_string_lossy().to_string().into(),
         output_dir: out.join("report").to_string_lossy().to_string(),
-        seed: args.seed + 7,
+        seed: seed + 7,
         ..Default::default()
     })?;
     times.push(("evaluation", t.elapsed().as_secs_f64()));
-    let total = start.elapsed().as_secs_f64();
     println!("\n{}", table(&report));
     let timing: Vec<String> = times.iter().map(|(n, s)| format!("{n} {s:.0}s")).collect();
     println!(
         "time: {} — total {:.1} min",
         timing.join(", "),
-        total / 60.0
+        start.elapsed().as_secs_f64() / 60.0
     );
     println!("report: {}", out.join("report").join("report.md").display());
     Ok(())

@@ -288,137 +288,34 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
         prompts.truncate(cfg.max_prompts);
     }
     let mut judge = crate::reward::from_spec(&cfg.judge, tok, cfg.batch_size)?;
-    let mut corpora = vec![];
-    for file in cfg.text_file.paths() {
-        let texts = read_texts(file, cfg.max_texts)?;
-        let records: Vec<(usize, Value)> = texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (i + 1, json!({ "text": t })))
-            .collect();
-        let max_length = reference.model.config.max_position_embeddings.min(512);
-        let examples = prepare(
-            &records,
-            file,
-            tok,
-            &SftDataConfig {
-                max_length,
-                ..Default::default()
-            },
-        )?
-        .0;
-        corpora.push(Corpus {
-            file: file.to_string(),
-            texts: texts.len(),
-            examples,
-            cloze: text::cloze_items(&texts, tok, cfg.cloze_min_words)?,
-        });
-    }
-    let stop_ids = reference.stop_token_ids();
-    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-
+    let corpora = cfg
+        .text_file
+        .paths()
+        .into_iter()
+        .map(|file| Corpus::read(file, cfg, &reference))
+        .collect::<Result<Vec<_>>>()?;
+    let mut bench = Bench {
+        cfg,
+        reference: &reference,
+        reference_path: &reference_path,
+        prompts: &prompts,
+        judge: judge.as_mut(),
+        corpora: &corpora,
+    };
     let mut all_scores: Vec<Vec<f32>> = vec![];
     let mut results = vec![];
     let mut sample_lines: Vec<Value> = prompts.iter().map(|p| json!({"prompt": p.text})).collect();
     for (name, path) in &policies {
-        let t = Instant::now();
-        let ck = Checkpoint::load(path, false)?;
-        if ck.model.config.vocab_size != reference.model.config.vocab_size {
-            bail!("{path}: its vocabulary differs from the reference's ({reference_path})");
-        }
-        let sampling = SamplingConfig {
-            max_new_tokens: cfg.response_length,
-            temperature: cfg.temperature,
-            top_k: 0,
-            top_p: cfg.top_p,
-            stop_ids: stop_ids.clone(),
-            seed: cfg.seed,
-        };
-        let mut samples = Vec::with_capacity(prompt_ids.len());
-        for chunk in prompt_ids.chunks(cfg.batch_size.max(1) * 4) {
-            samples.extend(generate(&ck.model, chunk, &sampling)?);
-        }
-        let bodies: Vec<&[u32]> = samples.iter().map(|s| s.response()).collect();
-        let texts_out: Vec<String> = bodies
-            .iter()
-            .map(|b| tok.decode(b, true))
-            .collect::<Result<_>>()?;
-        let episodes: Vec<Episode> = samples
-            .iter()
-            .zip(&prompts)
-            .zip(bodies.iter().zip(&texts_out))
-            .map(|((s, p), (b, t))| Episode {
-                prompt_ids: &s.prompt,
-                response_ids: b,
-                prompt_text: &p.text,
-                response_text: t,
-            })
-            .collect();
-        let scores = judge.score(&episodes)?;
-        if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "the judge returned {} for a response of {name}: {:?}",
-                scores[i],
-                texts_out[i]
-            );
-        }
-        // Reference log-probs of exactly the sampled tokens.
-        let mut ref_lps = Vec::with_capacity(samples.len());
-        for chunk in samples.chunks(cfg.batch_size.max(1)) {
-            let seqs: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
-                .collect();
-            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-            let starts: Vec<usize> = chunk.iter().map(|s| s.prompt.len()).collect();
-            let (lp, _, _) =
-                reference
-                    .model
-                    .completion_logprobs(&refs, &starts, crate::ops::default_path())?;
-            let rows = lp.to_vec2::<f32>()?;
-            for ((r, s), st) in rows.into_iter().zip(&seqs).zip(&starts) {
-                ref_lps.push(r[st - 1..s.len() - 1].to_vec());
-            }
-        }
-        let pol_lps: Vec<Vec<f32>> = samples.iter().map(|s| s.model_logprobs.clone()).collect();
-        let kl = stats::sequence_kl(&pol_lps, &ref_lps);
-        let (mean_reward, reward_sem) = stats::mean_sem(&scores);
-        let mut text_scores = vec![];
-        for c in &corpora {
-            text_scores.push(TextScores {
-                file: c.file.clone(),
-                perplexity: text::perplexity(&ck.model, &c.examples, cfg.batch_size)?,
-                cloze_accuracy: if c.cloze.is_empty() {
-                    None
-                } else {
-                    Some(text::cloze_accuracy(&ck.model, &c.cloze, cfg.batch_size)?)
-                },
-            });
-        }
-        for (line, (t, s)) in sample_lines.iter_mut().zip(texts_out.iter().zip(&scores)) {
+        let (result, scores, texts) = bench.evaluate(name, path)?;
+        for (line, (t, s)) in sample_lines.iter_mut().zip(texts.iter().zip(&scores)) {
             line[name.as_str()] = json!({"response": t, "score": s});
         }
-        results.push(PolicyResult {
-            name: name.clone(),
-            path: path.clone(),
-            mean_reward,
-            reward_sem,
-            win_rate: f64::NAN,
-            win_low: f64::NAN,
-            win_high: f64::NAN,
-            kl,
-            response_length: samples.iter().map(|s| s.tokens.len() as f64).sum::<f64>()
-                / samples.len().max(1) as f64,
-            perplexity: text_scores.first().map(|t| t.perplexity),
-            cloze_accuracy: text_scores.first().and_then(|t| t.cloze_accuracy),
-            text: text_scores,
-            seconds: t.elapsed().as_secs_f64(),
-        });
-        all_scores.push(scores);
         eprintln!(
-            "{name}: reward {mean_reward:.4} ± {reward_sem:.4}, KL {kl:.3}, {:.1}s",
-            t.elapsed().as_secs_f64()
+            "{name}: reward {:.4} ± {:.4}, KL {:.3}, {:.1}s",
+            result.mean_reward, result.reward_sem, result.kl, result.seconds
         );
+        results.push(result);
+        all_scores.push(scores);
     }
     for (r, s) in results.iter_mut().zip(&all_scores) {
         let (w, lo, hi) = stats::win_rate(s, &all_scores[base_index]);
@@ -439,6 +336,154 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     let samples_text: String = sample_lines.iter().map(|l| l.to_string() + "\n").collect();
     crate::io::write_atomic(&out.join("samples.jsonl"), samples_text.as_bytes())?;
     Ok(report)
+}
+
+impl Corpus {
+    /// Held-out text for perplexity (cut to the reference's positions, at most 512 tokens) and
+    /// its cloze items.
+    fn read(file: &str, cfg: &EvalConfig, reference: &Checkpoint) -> Result<Corpus> {
+        let tok = reference.tokenizer()?;
+        let texts = read_texts(file, cfg.max_texts)?;
+        let records: Vec<(usize, Value)> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (i + 1, json!({ "text": t })))
+            .collect();
+        let max_length = reference.model.config.max_position_embeddings.min(512);
+        let data = SftDataConfig {
+            max_length,
+            ..Default::default()
+        };
+        Ok(Corpus {
+            file: file.to_string(),
+            texts: texts.len(),
+            examples: prepare(&records, file, tok, &data)?.0,
+            cloze: text::cloze_items(&texts, tok, cfg.cloze_min_words)?,
+        })
+    }
+}
+
+/// What every policy is measured against: the same prompts, seed, judge, reference and text.
+struct Bench<'a> {
+    cfg: &'a EvalConfig,
+    reference: &'a Checkpoint,
+    reference_path: &'a str,
+    prompts: &'a [crate::data::prompts::Prompt],
+    judge: &'a mut dyn crate::reward::RewardSource,
+    corpora: &'a [Corpus],
+}
+
+impl Bench<'_> {
+    /// One policy's samples, scores, KL to the reference and text measures; returns its result
+    /// (win rate filled in later), its scores and its responses.
+    fn evaluate(
+        &mut self,
+        name: &str,
+        path: &str,
+    ) -> Result<(PolicyResult, Vec<f32>, Vec<String>)> {
+        let (cfg, tok) = (self.cfg, self.reference.tokenizer()?);
+        let t = Instant::now();
+        let ck = Checkpoint::load(path, false)?;
+        if ck.model.config.vocab_size != self.reference.model.config.vocab_size {
+            bail!(
+                "{path}: its vocabulary differs from the reference's ({})",
+                self.reference_path
+            );
+        }
+        let sampling = SamplingConfig {
+            max_new_tokens: cfg.response_length,
+            temperature: cfg.temperature,
+            top_k: 0,
+            top_p: cfg.top_p,
+            stop_ids: self.reference.stop_token_ids(),
+            seed: cfg.seed,
+        };
+        let prompt_ids: Vec<Vec<u32>> = self.prompts.iter().map(|p| p.ids.clone()).collect();
+        let mut samples = Vec::with_capacity(prompt_ids.len());
+        for chunk in prompt_ids.chunks(cfg.batch_size * 4) {
+            samples.extend(generate(&ck.model, chunk, &sampling)?);
+        }
+        let bodies: Vec<&[u32]> = samples.iter().map(|s| s.response()).collect();
+        let texts: Vec<String> = bodies
+            .iter()
+            .map(|b| tok.decode(b, true))
+            .collect::<Result<_>>()?;
+        let episodes: Vec<Episode> = samples
+            .iter()
+            .zip(self.prompts)
+            .zip(bodies.iter().zip(&texts))
+            .map(|((s, p), (b, t))| Episode {
+                prompt_ids: &s.prompt,
+                response_ids: b,
+                prompt_text: &p.text,
+                response_text: t,
+            })
+            .collect();
+        let scores = self.judge.score(&episodes)?;
+        if let Some(i) = scores.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "the judge returned {} for a response of {name}: {:?}",
+                scores[i],
+                texts[i]
+            );
+        }
+        let ref_lps = self.reference_logprobs(&samples)?;
+        let pol_lps: Vec<Vec<f32>> = samples.iter().map(|s| s.model_logprobs.clone()).collect();
+        let kl = stats::sequence_kl(&pol_lps, &ref_lps);
+        let (mean_reward, reward_sem) = stats::mean_sem(&scores);
+        let mut text_scores = vec![];
+        for c in self.corpora {
+            text_scores.push(TextScores {
+                file: c.file.clone(),
+                perplexity: text::perplexity(&ck.model, &c.examples, cfg.batch_size)?,
+                cloze_accuracy: if c.cloze.is_empty() {
+                    None
+                } else {
+                    Some(text::cloze_accuracy(&ck.model, &c.cloze, cfg.batch_size)?)
+                },
+            });
+        }
+        let result = PolicyResult {
+            name: name.to_string(),
+            path: path.to_string(),
+            mean_reward,
+            reward_sem,
+            win_rate: f64::NAN,
+            win_low: f64::NAN,
+            win_high: f64::NAN,
+            kl,
+            response_length: samples.iter().map(|s| s.tokens.len() as f64).sum::<f64>()
+                / samples.len().max(1) as f64,
+            perplexity: text_scores.first().map(|t| t.perplexity),
+            cloze_accuracy: text_scores.first().and_then(|t| t.cloze_accuracy),
+            text: text_scores,
+            seconds: t.elapsed().as_secs_f64(),
+        };
+        Ok((result, scores, texts))
+    }
+
+    /// Reference log-probs of exactly the sampled tokens.
+    fn reference_logprobs(&self, samples: &[crate::generate::Sample]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(samples.len());
+        for chunk in samples.chunks(self.cfg.batch_size) {
+            let seqs: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
+                .collect();
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let starts: Vec<usize> = chunk.iter().map(|s| s.prompt.len()).collect();
+            let (lp, _, _) = self.reference.model.completion_logprobs(
+                &refs,
+                &starts,
+                crate::ops::default_path(),
+            )?;
+            let rows = lp.to_vec2::<f32>()?;
+            for ((r, s), st) in rows.into_iter().zip(&seqs).zip(&starts) {
+                out.push(r[st - 1..s.len() - 1].to_vec());
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {

@@ -15,9 +15,10 @@ pub mod rollout;
 
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Tensor, Var};
+use indicatif::ProgressBar;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::data::prompts::Prompt;
@@ -29,7 +30,7 @@ use crate::reward::RewardSource;
 use crate::text::Tokenizer;
 use crate::train::lm_loss::target_nll_sum;
 use crate::train::metrics::{format_line, MetricsLogger, Window};
-use crate::train::state::{load_extra_tensors, save_checkpoint};
+use crate::train::state::{load_extra_tensors, save_checkpoint, TrainerState};
 use crate::train::trainer::{log, progress_bar, start_state, step_examples};
 use crate::train::{Optimizer, StepOutcome, TrainConfig};
 pub use rollout::{Collect, Rollout, ValueModel};
@@ -102,6 +103,13 @@ pub struct LoopConfig<'a> {
     pub ema_decay: f64,
 }
 
+impl LoopConfig<'_> {
+    /// Optimizer steps per iteration: epochs × minibatches.
+    pub fn updates_per_iteration(&self) -> u64 {
+        (self.epochs * self.episodes.div_ceil(self.minibatch)) as u64
+    }
+}
+
 /// The models of the loop: the policy trains, the value model (if any) trains with it, the
 /// reference stays frozen.
 pub struct Models<'a> {
@@ -158,90 +166,161 @@ fn add(acc: &mut Vec<(String, f64)>, k: &str, v: f64) {
     }
 }
 
+/// The state of a run of the loop between iterations.
+struct Looping<'a> {
+    cfg: &'a LoopConfig<'a>,
+    models: &'a Models<'a>,
+    train: TrainConfig,
+    out: PathBuf,
+    policy_params: Vec<(String, Var)>,
+    optimizer: Optimizer,
+    ema: Option<Ema>,
+    state: TrainerState,
+    logger: MetricsLogger,
+    pb: ProgressBar,
+    window: Window,
+    last_metrics: Vec<(String, f64)>,
+}
+
+/// What phase 3 did: the update metrics (means over the applied updates), how many updates
+/// were skipped, and the first update's largest |log ratio|.
+struct Updates {
+    stats: Vec<(String, f64)>,
+    skipped: u64,
+    first_ratio_dev: f64,
+}
+
 pub fn run(
     cfg: &LoopConfig,
     models: &Models,
     objective: &mut dyn Objective,
-    run: Run,
+    mut run: Run,
 ) -> Result<Outcome> {
-    let train = run.train;
-    let out = Path::new(&train.output_dir);
-    let updates_per_iteration = (cfg.epochs * cfg.episodes.div_ceil(cfg.minibatch)) as u64;
-    let policy_params = models.policy.parameters().to_vec();
-    let mut params = policy_params.clone();
-    if let Some(v) = models.value {
-        for (n, p) in v.body.parameters().iter().chain(&v.head.parameters()) {
-            params.push((format!("value.{n}"), p.clone()));
-        }
-    }
-    let mut optimizer = Optimizer::new(train, params, cfg.iterations * updates_per_iteration);
-    let mut ema = (cfg.ema_decay > 0.0).then(|| Ema {
-        decay: cfg.ema_decay,
-        values: policy_params
-            .iter()
-            .map(|(_, v)| v.as_tensor().detach())
-            .collect(),
-    });
-    let (mut state, resumed_from) = start_state(out, &mut optimizer, run.fingerprint, run.resume)?;
-    objective.restore(&state.extra["objective"]);
-    if let (Some(e), Some(ck)) = (ema.as_mut(), &resumed_from) {
-        let saved = load_extra_tensors(ck)?;
-        for (v, (name, _)) in e.values.iter_mut().zip(&policy_params) {
-            if let Some(t) = saved.get(&format!("ema.{name}")) {
-                *v = t.clone();
-            }
-        }
-    }
-    let mut logger =
-        MetricsLogger::create(out, (run.resume && state.step > 0).then_some(state.step))?;
-    let pb = progress_bar(cfg.iterations, "iterations", state.step);
-    let mut window = Window::default();
-    let mut last_metrics = vec![];
-
-    while state.step < cfg.iterations {
-        let it = state.step;
+    let mut lp = Looping::start(cfg, models, objective, &run)?;
+    while lp.state.step < cfg.iterations {
         let t_start = Instant::now();
-        // 1. Collect. Prompt order and sampling noise depend only on (seed, iteration).
-        let chosen = step_examples(run.prompts.len(), cfg.episodes, train.seed, it);
-        let sampling = SamplingConfig {
-            seed: train.seed.wrapping_mul(1_000_003).wrapping_add(it),
-            ..cfg.sampling.clone()
-        };
-        let with = Collect {
-            reference: models.reference.filter(|_| objective.needs_reference()),
-            value: models.value,
-            reward: &mut *run.reward,
-            tokenizer: run.tokenizer,
-            chunk: cfg.micro_batch,
-        };
-        let t_passes = Instant::now();
-        let rollout = rollout::collect(models.policy, run.prompts, &chosen, &sampling, with)
-            .map_err(|e| {
-                pb.abandon();
-                anyhow!("iteration {}: {e:#}; stopped", it + 1)
-            })?;
-        let passes_secs =
-            t_passes.elapsed().as_secs_f64() - rollout.generation_secs - rollout.scoring_secs;
-
-        // 2. Advantages.
+        let rollout = lp.collect(objective, &mut run)?;
         let t_train = Instant::now();
         let adv = objective.advantages(&rollout)?;
+        let updates = lp.update(objective, &rollout, &adv)?;
+        let kl = rollout.sequence_kl()?;
+        objective.end_iteration(kl.as_deref().unwrap_or(&[]));
+        let train_secs = t_train.elapsed().as_secs_f64() + rollout.passes_secs;
+        lp.record(
+            objective,
+            &run,
+            &rollout,
+            &adv,
+            &updates,
+            kl.as_deref(),
+            (t_start, train_secs),
+        )?;
+    }
+    lp.finish()
+}
 
-        // 3. Updates: epochs × minibatches, each accumulated over micro-batches.
+impl<'a> Looping<'a> {
+    /// The optimizer over the policy (and value model), the EMA, and where the run starts: step
+    /// 0 or, resuming, the newest checkpoint (weights, moments, the objective's state, the EMA).
+    fn start(
+        cfg: &'a LoopConfig<'a>,
+        models: &'a Models<'a>,
+        objective: &mut dyn Objective,
+        run: &Run,
+    ) -> Result<Self> {
+        let train = run.train.clone();
+        let out = PathBuf::from(&train.output_dir);
+        let policy_params = models.policy.parameters().to_vec();
+        let mut params = policy_params.clone();
+        if let Some(v) = models.value {
+            for (n, p) in v.body.parameters().iter().chain(&v.head.parameters()) {
+                params.push((format!("value.{n}"), p.clone()));
+            }
+        }
+        let total_updates = cfg.iterations * cfg.updates_per_iteration();
+        let mut optimizer = Optimizer::new(&train, params, total_updates);
+        let mut ema = (cfg.ema_decay > 0.0).then(|| Ema {
+            decay: cfg.ema_decay,
+            values: policy_params
+                .iter()
+                .map(|(_, v)| v.as_tensor().detach())
+                .collect(),
+        });
+        let (state, resumed_from) = start_state(&out, &mut optimizer, run.fingerprint, run.resume)?;
+        objective.restore(&state.extra["objective"]);
+        if let (Some(e), Some(ck)) = (ema.as_mut(), &resumed_from) {
+            let saved = load_extra_tensors(ck)?;
+            for (v, (name, _)) in e.values.iter_mut().zip(&policy_params) {
+                if let Some(t) = saved.get(&format!("ema.{name}")) {
+                    *v = t.clone();
+                }
+            }
+        }
+        let resumed_at = (run.resume && state.step > 0).then_some(state.step);
+        let logger = MetricsLogger::create(&out, resumed_at)?;
+        Ok(Looping {
+            cfg,
+            models,
+            train,
+            out,
+            policy_params,
+            optimizer,
+            ema,
+            logger,
+            pb: progress_bar(cfg.iterations, "iterations", state.step),
+            state,
+            window: Window::default(),
+            last_metrics: vec![],
+        })
+    }
+
+    /// Phase 1. Prompt order and sampling noise depend only on (seed, iteration).
+    fn collect(&self, objective: &dyn Objective, run: &mut Run) -> Result<Rollout> {
+        let it = self.state.step;
+        let chosen = step_examples(run.prompts.len(), self.cfg.episodes, self.train.seed, it);
+        let sampling = SamplingConfig {
+            seed: self.train.seed.wrapping_mul(1_000_003).wrapping_add(it),
+            ..self.cfg.sampling.clone()
+        };
+        let with = Collect {
+            reference: self
+                .models
+                .reference
+                .filter(|_| objective.needs_reference()),
+            value: self.models.value,
+            reward: &mut *run.reward,
+            tokenizer: run.tokenizer,
+            chunk: self.cfg.micro_batch,
+        };
+        rollout::collect(self.models.policy, run.prompts, &chosen, &sampling, with).map_err(|e| {
+            self.pb.abandon();
+            anyhow!("iteration {}: {e:#}; stopped", it + 1)
+        })
+    }
+
+    /// Phase 3: epochs × minibatches, each one optimizer step accumulated over micro-batches
+    /// (with PPO-ptx's term in the same step).
+    fn update(
+        &mut self,
+        objective: &dyn Objective,
+        rollout: &Rollout,
+        adv: &Advantages,
+    ) -> Result<Updates> {
+        let (cfg, it) = (self.cfg, self.state.step);
         let mut stats: Vec<(String, f64)> = Vec::new();
-        let (mut n_updates, mut skipped) = (0usize, 0u64);
+        let (mut applied, mut skipped) = (0usize, 0u64);
         let mut first_ratio_dev = 0f64;
-        let mut position = it * updates_per_iteration;
+        let mut position = it * cfg.updates_per_iteration();
         for epoch in 0..cfg.epochs {
             let mut order: Vec<usize> = (0..rollout.len()).collect();
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(train.seed ^ 0x9e37_79b9);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.train.seed ^ 0x9e37_79b9);
             rng.set_stream(it * cfg.epochs as u64 + epoch as u64);
             order.shuffle(&mut rng);
             for (mb_index, minibatch) in order.chunks(cfg.minibatch).enumerate() {
                 let tokens: usize = minibatch.iter().map(|&n| rollout.response_len(n)).sum();
                 let mut update_stats: Vec<(String, f64)> = Vec::new();
                 for part in minibatch.chunks(cfg.micro_batch) {
-                    let batch = micro_batch(models, &rollout, &adv, part, tokens)?;
+                    let batch = micro_batch(self.models, rollout, adv, part, tokens)?;
                     if epoch == 0 && mb_index == 0 {
                         // The sampler's log-probs are the old policy's: before any update the
                         // ratio is 1 up to float noise.
@@ -252,39 +331,19 @@ pub fn run(
                         first_ratio_dev = first_ratio_dev.max(dev as f64);
                     }
                     let (loss, parts) = objective.loss(&batch)?;
-                    optimizer.accumulate(&loss)?;
+                    self.optimizer.accumulate(&loss)?;
                     for (k, v) in parts {
                         add(&mut update_stats, k, v);
                     }
                 }
                 if let Some(ptx) = &cfg.ptx {
-                    let picked = step_examples(
-                        ptx.examples.len(),
-                        ptx.batch_size,
-                        train.seed ^ 0x0070_7478,
-                        position,
-                    );
-                    let examples: Vec<&Example> =
-                        picked.iter().map(|&i| &ptx.examples[i]).collect();
-                    let n_targets: usize = examples
-                        .iter()
-                        .map(|e| e.targets.iter().skip(1).map(|&t| t as usize).sum::<usize>())
-                        .sum();
-                    let mut ptx_loss = 0.0;
-                    for part in examples.chunks(cfg.micro_batch) {
-                        let (nll, _) = target_nll_sum(models.policy, part)?;
-                        let l = (nll * (ptx.coef / n_targets.max(1) as f64))?;
-                        ptx_loss += optimizer.accumulate(&l)? / ptx.coef;
-                    }
-                    add(&mut update_stats, "ptx/loss", ptx_loss);
+                    let loss = self.pretraining_term(ptx, position)?;
+                    add(&mut update_stats, "ptx/loss", loss);
                 }
-                let outcome = optimizer.step(position).map_err(|e| {
-                    pb.abandon();
-                    anyhow!(
-                        "iteration {}, update {}: {e}",
-                        it + 1,
-                        n_updates + skipped as usize + 1
-                    )
+                let outcome = self.optimizer.step(position).map_err(|e| {
+                    self.pb.abandon();
+                    let n = applied + skipped as usize + 1;
+                    anyhow!("iteration {}, update {n}: {e}", it + 1)
                 })?;
                 position += 1;
                 match outcome {
@@ -292,10 +351,10 @@ pub fn run(
                         grad_norm,
                         learning_rate,
                     } => {
-                        if let Some(e) = ema.as_mut() {
-                            e.update(&policy_params)?;
+                        if let Some(e) = self.ema.as_mut() {
+                            e.update(&self.policy_params)?;
                         }
-                        n_updates += 1;
+                        applied += 1;
                         update_stats.push(("grad_norm".into(), grad_norm));
                         update_stats.push(("learning_rate".into(), learning_rate));
                         for (k, v) in &update_stats {
@@ -303,140 +362,203 @@ pub fn run(
                         }
                     }
                     StepOutcome::Skipped { reason } => {
-                        pb.suspend(|| eprintln!("iteration {}: {reason}; update skipped", it + 1));
+                        self.pb.suspend(|| {
+                            eprintln!("iteration {}: {reason}; update skipped", it + 1)
+                        });
                         skipped += 1;
                     }
                 }
             }
         }
-        let train_secs = t_train.elapsed().as_secs_f64() + passes_secs;
-        let kl = rollout.sequence_kl()?;
-        objective.end_iteration(kl.as_deref().unwrap_or(&[]));
-        state.step += 1;
-        state.skipped_steps += skipped;
-        pb.set_position(state.step);
+        for (_, v) in &mut stats {
+            *v /= applied.max(1) as f64;
+        }
+        Ok(Updates {
+            stats,
+            skipped,
+            first_ratio_dev,
+        })
+    }
 
-        // 4. Metrics (TRL's names), samples, checkpoint.
-        let n = rollout.len();
-        let mean_score = mean(rollout.scores.iter().map(|&x| x as f64));
-        let entropy = mean(rollout.entropies.iter().copied());
-        let tokens_per_ep = mean((0..n).map(|i| rollout.response_len(i) as f64));
-        let mut m: Vec<(String, f64)> = Vec::new();
-        if let Some(kl) = &kl {
-            m.push(("objective/kl".into(), mean(kl.iter().copied())));
+    /// PPO-ptx: γ_ptx × the mean token NLL of a batch of pretraining text, accumulated into the
+    /// update at `position`; returns the NLL.
+    fn pretraining_term(&mut self, ptx: &PretrainingMix, position: u64) -> Result<f64> {
+        let picked = step_examples(
+            ptx.examples.len(),
+            ptx.batch_size,
+            self.train.seed ^ 0x0070_7478,
+            position,
+        );
+        let examples: Vec<&Example> = picked.iter().map(|&i| &ptx.examples[i]).collect();
+        let n_targets: usize = examples
+            .iter()
+            .map(|e| e.targets.iter().skip(1).map(|&t| t as usize).sum::<usize>())
+            .sum();
+        let mut nll = 0.0;
+        for part in examples.chunks(self.cfg.micro_batch) {
+            let (sum, _) = target_nll_sum(self.models.policy, part)?;
+            let l = (sum * (ptx.coef / n_targets.max(1) as f64))?;
+            nll += self.optimizer.accumulate(&l)? / ptx.coef;
         }
-        m.push(("objective/entropy".into(), entropy));
-        m.extend(adv.metrics.iter().cloned());
-        m.extend([
-            ("objective/scores".into(), mean_score),
-            (
-                "policy/entropy_avg".into(),
-                entropy / tokens_per_ep.max(1.0),
-            ),
-            (
-                "val/num_eos_tokens".into(),
-                rollout.stopped.iter().filter(|&&s| s).count() as f64,
-            ),
-            ("val/response_length".into(), tokens_per_ep),
-            ("val/first_ratio_max_abs_log".into(), first_ratio_dev),
-            ("time/generation".into(), rollout.generation_secs),
-            ("time/scoring".into(), rollout.scoring_secs),
-            ("time/training".into(), train_secs),
-            (
-                "tokens_per_second".into(),
-                (0..n).map(|i| rollout.response_len(i)).sum::<usize>() as f64
-                    / t_start.elapsed().as_secs_f64().max(1e-9),
-            ),
-        ]);
-        for (k, v) in &stats {
-            m.push((k.clone(), v / n_updates.max(1) as f64));
-        }
-        if skipped > 0 {
-            m.push(("skipped_updates".into(), skipped as f64));
-        }
-        window.add_step(&m);
-        let last = state.step == cfg.iterations;
-        if train.logging_steps > 0 && state.step.is_multiple_of(train.logging_steps as u64) || last
-        {
-            let (mut values, _) = window.close();
-            values.push((
-                "episode".into(),
-                (state.step as usize * cfg.episodes) as f64,
-            ));
-            log(&mut logger, state.step, &values)?;
+        Ok(nll)
+    }
+
+    /// After an iteration: metrics (TRL's names; logged as means every `logging_steps`),
+    /// samples, and a checkpoint every `save_steps`.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &mut self,
+        objective: &dyn Objective,
+        run: &Run,
+        rollout: &Rollout,
+        adv: &Advantages,
+        updates: &Updates,
+        kl: Option<&[f64]>,
+        (t_start, train_secs): (Instant, f64),
+    ) -> Result<()> {
+        self.state.step += 1;
+        self.state.skipped_steps += updates.skipped;
+        self.pb.set_position(self.state.step);
+        let step = self.state.step;
+        let last = step == self.cfg.iterations;
+        let mut m = iteration_metrics(rollout, adv, kl, updates);
+        m.push(("time/training".into(), train_secs));
+        let tokens: usize = (0..rollout.len()).map(|i| rollout.response_len(i)).sum();
+        let secs = t_start.elapsed().as_secs_f64().max(1e-9);
+        m.push(("tokens_per_second".into(), tokens as f64 / secs));
+        self.window.add_step(&m);
+        let logging = self.train.logging_steps as u64;
+        if logging > 0 && step.is_multiple_of(logging) || last {
+            let (mut values, _) = self.window.close();
+            values.push(("episode".into(), (step as usize * self.cfg.episodes) as f64));
+            log(&mut self.logger, step, &values)?;
             let get = |k: &str| {
                 values
                     .iter()
                     .find(|(n, _)| n == k)
                     .map_or(f64::NAN, |(_, v)| *v)
             };
-            pb.set_message(format!(
+            self.pb.set_message(format!(
                 "score {:.3} kl {:.2} ({:.0}s gen, {:.0}s train)",
                 get("objective/scores"),
                 get("objective/kl"),
                 get("time/generation"),
                 get("time/training")
             ));
-            if pb.is_hidden() {
-                eprintln!(
-                    "iteration {}/{} {}",
-                    state.step,
-                    cfg.iterations,
-                    format_line(&values)
-                );
+            if self.pb.is_hidden() {
+                let total = self.cfg.iterations;
+                eprintln!("iteration {step}/{total} {}", format_line(&values));
             }
-            last_metrics = values;
+            self.last_metrics = values;
         }
-        let sample_now = cfg.sample_every > 0
-            && (state.step.is_multiple_of(cfg.sample_every as u64) || state.step == 1 || last);
-        if sample_now {
-            let mut lines = String::new();
-            for i in 0..n.min(4) {
-                let mut line = serde_json::json!({
-                    "iteration": state.step,
-                    "prompt": run.prompts[rollout.prompt_index[i]].text,
-                    "response": rollout.texts[i],
-                    "score": rollout.scores[i],
-                });
-                if let Some(kl) = &kl {
-                    line["kl"] = kl[i].into();
-                }
-                lines.push_str(&line.to_string());
-                lines.push('\n');
-            }
-            append(out, "samples.jsonl", &lines)?;
+        let every = self.cfg.sample_every as u64;
+        if every > 0 && (step.is_multiple_of(every) || step == 1 || last) {
+            append(
+                &self.out,
+                "samples.jsonl",
+                &sample_lines(step, run, rollout, kl),
+            )?;
         }
-        if train.save_steps > 0 && (state.step.is_multiple_of(train.save_steps as u64) || last) {
-            state.extra = serde_json::json!({
-                "optimizer_steps": optimizer.updates(),
+        let save = self.train.save_steps as u64;
+        if save > 0 && (step.is_multiple_of(save) || last) {
+            self.state.extra = serde_json::json!({
+                "optimizer_steps": self.optimizer.updates(),
                 "objective": objective.state(),
             });
-            let extra: Vec<(String, Tensor)> = match &ema {
-                Some(e) => policy_params
+            let extra: Vec<(String, Tensor)> = match &self.ema {
+                Some(e) => self
+                    .policy_params
                     .iter()
                     .zip(&e.values)
                     .map(|((n, _), t)| (format!("ema.{n}"), t.clone()))
                     .collect(),
                 None => vec![],
             };
-            save_checkpoint(out, &optimizer, &state, train.save_total_limit, &extra)?;
+            let keep = self.train.save_total_limit;
+            save_checkpoint(&self.out, &self.optimizer, &self.state, keep, &extra)?;
         }
+        Ok(())
     }
-    pb.finish_and_clear();
-    // The saved policy is the EMA of its weights when asked for.
-    if let Some(e) = ema {
-        for ((_, p), t) in policy_params.iter().zip(e.values) {
-            p.set(&t)?;
+
+    /// The end of the run: the saved policy is the EMA of its weights when asked for.
+    fn finish(self) -> Result<Outcome> {
+        self.pb.finish_and_clear();
+        if let Some(e) = self.ema {
+            for ((_, p), t) in self.policy_params.iter().zip(e.values) {
+                p.set(&t)?;
+            }
         }
+        if self.state.step == 0 {
+            bail!("no iterations to run");
+        }
+        Ok(Outcome {
+            iterations: self.state.step,
+            skipped_updates: self.state.skipped_steps,
+            last_metrics: self.last_metrics,
+        })
     }
-    if state.step == 0 {
-        bail!("no iterations to run");
+}
+
+/// The metrics of one iteration that the loop knows: the rollout's (scores, lengths, entropy,
+/// KL, times), the estimator's, and the updates'.
+fn iteration_metrics(
+    rollout: &Rollout,
+    adv: &Advantages,
+    kl: Option<&[f64]>,
+    updates: &Updates,
+) -> Vec<(String, f64)> {
+    let n = rollout.len();
+    let entropy = mean(rollout.entropies.iter().copied());
+    let tokens_per_ep = mean((0..n).map(|i| rollout.response_len(i) as f64));
+    let mut m: Vec<(String, f64)> = Vec::new();
+    if let Some(kl) = kl {
+        m.push(("objective/kl".into(), mean(kl.iter().copied())));
     }
-    Ok(Outcome {
-        iterations: state.step,
-        skipped_updates: state.skipped_steps,
-        last_metrics,
-    })
+    m.push(("objective/entropy".into(), entropy));
+    m.extend(adv.metrics.iter().cloned());
+    let eos = rollout.stopped.iter().filter(|&&s| s).count() as f64;
+    m.extend([
+        (
+            "objective/scores".into(),
+            mean(rollout.scores.iter().map(|&x| x as f64)),
+        ),
+        (
+            "policy/entropy_avg".into(),
+            entropy / tokens_per_ep.max(1.0),
+        ),
+        ("val/num_eos_tokens".into(), eos),
+        ("val/response_length".into(), tokens_per_ep),
+        (
+            "val/first_ratio_max_abs_log".into(),
+            updates.first_ratio_dev,
+        ),
+        ("time/generation".into(), rollout.generation_secs),
+        ("time/scoring".into(), rollout.scoring_secs),
+    ]);
+    m.extend(updates.stats.iter().cloned());
+    if updates.skipped > 0 {
+        m.push(("skipped_updates".into(), updates.skipped as f64));
+    }
+    m
+}
+
+/// samples.jsonl lines: the first four episodes of the iteration.
+fn sample_lines(step: u64, run: &Run, rollout: &Rollout, kl: Option<&[f64]>) -> String {
+    let mut lines = String::new();
+    for i in 0..rollout.len().min(4) {
+        let mut line = serde_json::json!({
+            "iteration": step,
+            "prompt": run.prompts[rollout.prompt_index[i]].text,
+            "response": rollout.texts[i],
+            "score": rollout.scores[i],
+        });
+        if let Some(kl) = kl {
+            line["kl"] = kl[i].into();
+        }
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    lines
 }
 
 /// The rollout rows `part` as a micro-batch, with the policy's log-probs and the value model's

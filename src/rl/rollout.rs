@@ -55,9 +55,10 @@ pub struct Rollout {
     pub ref_logp: Option<Tensor>,
     /// V(s_t) before each response token, when there is a value model.
     pub values: Option<Tensor>,
-    /// Seconds spent sampling and scoring.
+    /// Seconds spent sampling, scoring, and in the reference and value passes.
     pub generation_secs: f64,
     pub scoring_secs: f64,
+    pub passes_secs: f64,
 }
 
 /// What `collect` needs besides the policy and the prompts.
@@ -135,7 +136,9 @@ pub fn collect(
         prompt_lens,
         generation_secs,
         scoring_secs,
+        passes_secs: 0.0,
     };
+    let t2 = Instant::now();
     let ones: Vec<Vec<f32>> = samples.iter().map(|s| vec![1.0; s.tokens.len()]).collect();
     rollout.mask = rollout.padded(&ones)?;
     let old: Vec<Vec<f32>> = samples.iter().map(|s| s.model_logprobs.clone()).collect();
@@ -153,6 +156,7 @@ pub fn collect(
         .value
         .map(|v| rollout.no_grad_pass(with.chunk, |s, _| v.values(s)))
         .transpose()?;
+    rollout.passes_secs = t2.elapsed().as_secs_f64();
     Ok(rollout)
 }
 

@@ -208,24 +208,15 @@ pub fn train(
         // 3. Metrics, evaluation, checkpoint.
         let last = state.step == total;
         if cfg.logging_steps > 0 && state.step.is_multiple_of(cfg.logging_steps as u64) || last {
-            let had_updates = window.steps() > 0;
-            let (mut values, tokens_per_second) = window.close();
-            if had_updates {
-                let lr = optimizer.learning_rate(step);
-                values.push(("learning_rate".into(), lr));
-                values.push((
-                    "epoch".into(),
-                    (state.step as f64 * per_step as f64) / n as f64,
-                ));
-                values.push(("tokens_per_second".into(), tokens_per_second));
-                log(&mut logger, state.step, &values)?;
+            let epoch = (state.step as f64 * per_step as f64) / n as f64;
+            let lr = optimizer.learning_rate(step);
+            if let Some(values) = log_window(&mut window, &mut logger, state.step, lr, epoch)? {
                 let loss = values
                     .iter()
                     .find(|(k, _)| k == "loss")
                     .map_or(f64::NAN, |(_, v)| *v);
-                pb.set_message(format!(
-                    "loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
-                ));
+                let tps = values.last().map_or(0.0, |(_, v)| *v);
+                pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
                 if pb.is_hidden() {
                     eprintln!("step {}/{total} {}", state.step, format_line(&values));
                 }
@@ -252,6 +243,27 @@ pub fn train(
         eval_metrics,
         tokens_per_second: all_tokens as f64 / run_start.elapsed().as_secs_f64().max(1e-9),
     })
+}
+
+/// Logs the window's means (with the learning rate, epoch and throughput) and starts a new one;
+/// nothing when no step of the window updated.
+fn log_window(
+    window: &mut Window,
+    logger: &mut MetricsLogger,
+    step: u64,
+    lr: f64,
+    epoch: f64,
+) -> Result<Option<Vec<(String, f64)>>> {
+    let had_updates = window.steps() > 0;
+    let (mut values, tokens_per_second) = window.close();
+    if !had_updates {
+        return Ok(None);
+    }
+    values.push(("learning_rate".into(), lr));
+    values.push(("epoch".into(), epoch));
+    values.push(("tokens_per_second".into(), tokens_per_second));
+    log(logger, step, &values)?;
+    Ok(Some(values))
 }
 
 /// One metrics line (JSONL + TensorBoard).
