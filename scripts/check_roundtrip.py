@@ -2,7 +2,7 @@
 """Dev check (not a test): a model written by `rlhf convert` loads in transformers and
 gives the same log-probs as `rlhf logprobs`.
 
-    /work/venv-fx/bin/python scripts/check_roundtrip.py --rlhf target/release/rlhf \\
+    /tmp/venv-fx/bin/python scripts/check_roundtrip.py --rlhf target/release/rlhf \\
         --model tests/fixtures/models/llama-tied [--ids 5,17,42,...] [--tol 1e-4] [--keep]
 
 Steps:

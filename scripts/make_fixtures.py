@@ -10,13 +10,13 @@ they never run Python.
 
 Setup (a throwaway venv outside the repo; only PyPI is needed, the CPU is enough):
 
-    python3 -m venv /work/venv-fx
-    /work/venv-fx/bin/pip install torch transformers safetensors tokenizers gguf numpy jinja2 accelerate
+    python3 -m venv /tmp/venv-fx
+    /tmp/venv-fx/bin/pip install torch transformers safetensors tokenizers gguf numpy jinja2 accelerate
 
 Run from the repository root (regenerates everything, deletes the old tests/fixtures/
 tokenizer*, tests/fixtures/models first; takes well under a minute):
 
-    /work/venv-fx/bin/python scripts/make_fixtures.py
+    /tmp/venv-fx/bin/python scripts/make_fixtures.py
 
 Versions the committed fixtures were made with (Python 3.11.7, CPU):
 

@@ -3,7 +3,7 @@
 
 1. Fixtures (run from the repo root, with the venv of scripts/make_fixtures.py):
 
-       /work/venv-fx/bin/python scripts/make_rm_fixtures.py
+       /tmp/venv-fx/bin/python scripts/make_rm_fixtures.py
 
    writes tests/fixtures/models/{llama-rm,gpt2-rm}: tiny random LlamaForSequenceClassification
    and GPT2ForSequenceClassification (num_labels=1, the configs of the llama-tied and gpt2
@@ -12,7 +12,7 @@
 
 2. Round trip of a model written by `rlhf rm`:
 
-       /work/venv-fx/bin/python scripts/make_rm_fixtures.py --check-saved RM_DIR TEXTS.jsonl SCORES.jsonl
+       /tmp/venv-fx/bin/python scripts/make_rm_fixtures.py --check-saved RM_DIR TEXTS.jsonl SCORES.jsonl
 
    loads RM_DIR with AutoModelForSequenceClassification, scores each {"text"} of TEXTS.jsonl
    (tokenizer(text), one at a time) and compares logit + config's rlhf_score_bias with the
