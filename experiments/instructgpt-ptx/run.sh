@@ -9,6 +9,7 @@
 # γ_ptx = 0 with EPISODES=640 is exactly the sentiment-frontier run out/frontier/ppo-rm-0.05 (same
 # config, seed and reward model; the pretraining data is loaded but unused), so that run is reused.
 set -euo pipefail
+# Finished runs (with their model.safetensors) are skipped; an interrupted one starts again (--overwrite).
 cd "$(dirname "$0")/../.."
 PTX_COEFS="${PTX_COEFS:-0 0.1 0.5 2 8}"
 EPISODES="${EPISODES:-640}"
@@ -49,7 +50,7 @@ for g in $PTX_COEFS; do
       && tail -1 "$PLAIN/metrics.jsonl" | grep -q "\"episode\":$EPISODES.0"; then
     ln -s "$(realpath "$PLAIN")" "$O/ppo-ptx-0"
   fi
-  [ -e "$O/ppo-ptx-$g/model.safetensors" ] || $B ppo --config configs/ppo-smollm2-vader.toml \
+  [ -e "$O/ppo-ptx-$g/model.safetensors" ] || $B ppo --overwrite --config configs/ppo-smollm2-vader.toml \
       --set reward=\"$RM\" --set ptx_coef=$g --set ptx_file=\"$O/ptx.jsonl\" --set ptx_batch_size=8 \
       --set ptx_max_length=128 --set total_episodes=$EPISODES --set output_dir=\"$O/ppo-ptx-$g\" --set save_steps=0
   POLICIES="$POLICIES, \"ppo-ptx$g=$O/ppo-ptx-$g\""

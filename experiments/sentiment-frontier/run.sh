@@ -6,6 +6,7 @@
 # DPO_LR, DPO_SCHED, PREF_PROMPTS (training prompts sampled for preference data; default all 999). Outputs under out/frontier/ and the
 # summary (results.csv, reward_vs_kl.{svg,png}, win_rate.{svg,png}, report.md) in experiments/sentiment-frontier/results/.
 set -euo pipefail
+# Finished runs (with their model.safetensors) are skipped; an interrupted one starts again (--overwrite).
 cd "$(dirname "$0")/../.."
 BETAS="${BETAS:-0.05 0.1 0.5 1.0}"
 KLS="${KLS-0.02 0.05 0.1 0.2}"
@@ -21,29 +22,29 @@ cargo build --release
 B=./target/release/rlhf
 mkdir -p "$O" "$R"
 python3 scripts/review_sentences.py
-[ -e out/sft-smollm2-reviews/model.safetensors ] || $B sft --config configs/sft-smollm2-reviews.toml
+[ -e out/sft-smollm2-reviews/model.safetensors ] || $B sft --overwrite --config configs/sft-smollm2-reviews.toml
 SFT=out/sft-smollm2-reviews
 # Preference data: 4 SFT samples per training prompt, ranked by the ground truth (VADER).
 head -n "$PREF_PROMPTS" data/review-prompts-train.jsonl > "$O/pref-prompts.jsonl"
 [ -e "$O/rankings.jsonl" ] || $B preferences --model $SFT --prompts "$O/pref-prompts.jsonl" \
     --judge vader --k 4 --max-new-tokens 24 --rankings "$O/rankings.jsonl" --pairs "$O/pairs.jsonl"
-[ -z "$KLS" ] || [ -e "$O/rm/model.safetensors" ] || $B rm --set model=\"$SFT\" --set train_file=\"$O/rankings.jsonl\" \
+[ -z "$KLS" ] || [ -e "$O/rm/model.safetensors" ] || $B rm --overwrite --set model=\"$SFT\" --set train_file=\"$O/rankings.jsonl\" \
     --set eval_split=0.1 --set output_dir=\"$O/rm\" --set num_train_epochs=1 --set learning_rate=1e-5 \
     --set per_device_train_batch_size=8 --set save_steps=0
 POLICIES="\"sft=$SFT\""
 for b in $BETAS; do
-  [ -e "$O/dpo-$b/model.safetensors" ] || $B dpo --set model=\"$SFT\" --set train_file=\"$O/pairs.jsonl\" \
+  [ -e "$O/dpo-$b/model.safetensors" ] || $B dpo --overwrite --set model=\"$SFT\" --set train_file=\"$O/pairs.jsonl\" \
       --set output_dir=\"$O/dpo-$b\" --set beta=$b --set max_steps=$DPO_STEPS --set learning_rate=$DPO_LR --set lr_scheduler_type=\"$DPO_SCHED\" \
       --set per_device_train_batch_size=8 --set save_steps=0
   POLICIES="$POLICIES, \"dpo-beta$b=$O/dpo-$b\""
 done
 for k in $KLS; do
-  [ -e "$O/ppo-rm-$k/model.safetensors" ] || $B ppo --config configs/ppo-smollm2-vader.toml \
+  [ -e "$O/ppo-rm-$k/model.safetensors" ] || $B ppo --overwrite --config configs/ppo-smollm2-vader.toml \
       --set reward=\"$O/rm\" --set kl_coef=$k --set total_episodes=$EPISODES --set output_dir=\"$O/ppo-rm-$k\" \
       --set save_steps=0
   POLICIES="$POLICIES, \"ppo-rm-kl$k=$O/ppo-rm-$k\""
 done
-[ -e "$O/ppo-gt/model.safetensors" ] || $B ppo --config configs/ppo-smollm2-vader.toml \
+[ -e "$O/ppo-gt/model.safetensors" ] || $B ppo --overwrite --config configs/ppo-smollm2-vader.toml \
     --set total_episodes=$EPISODES --set output_dir=\"$O/ppo-gt\" --set save_steps=0
 POLICIES="$POLICIES, \"ppo-gt=$O/ppo-gt\""
 rm -rf "$O/eval"
