@@ -6,13 +6,18 @@
 #   train-gpt2        one training step, GPT-2 small, batch 4 x 256
 #   generate-smollm2  sampling, SmolLM2-135M, 16 prompts of 32 tokens (on average) x 64 new tokens
 #   dpo-smollm2       one DPO step, SmolLM2-135M, 4 chosen + 4 rejected sequences of 256 tokens
+#   *-bf16            the train and DPO workloads with bf16 mixed precision on both sides: rlhf's
+#                     `bf16 = true` (bf16 matmuls where this CPU's measurement says they pay, else
+#                     f32: the table's header says which) against PyTorch's bf16 autocast
 # rlhf runs `rlhf bench` (src/commands/bench.rs), PyTorch runs bench/torch_bench.py. The two sides
 # run INTERLEAVED in separate processes (rlhf, torch, rlhf, torch, ...: PAIRS pairs per workload),
 # each process doing WARMUP untimed + REPEATS timed runs. The table shows medians over all timed
 # runs of each side; the ratio is the median over pairs of (median rlhf / median torch in that
 # pair), which cancels host slowdowns that last longer than one pair.
 #
-# FLOP counts (used for GFLOP/s and % of the 207 GFLOP/s f32 GEMM peak of this machine, DESIGN §7):
+# The table's header names the CPU (lscpu's model name and the extensions rlhf dispatches on) and the
+# path each rlhf kernel took on it; bench/RESULTS.md keeps one table per CPU model.
+# FLOP counts (used for GFLOP/s):
 #   N_mm  = parameters that take part in a matmul = layers x (attention + MLP projection weights)
 #           + V x d for the LM head (tied or not); embedding lookups, norms and biases excluded.
 #   train / dpo:  6 x N_mm x tokens  +  12 x layers x T^2 x d x sequences
@@ -26,7 +31,8 @@
 #   REPEATS            timed runs per process (after WARMUP=1 untimed); default 2, but 1 for
 #                      train-smollm2 and dpo-smollm2, whose ~30-40 s rlhf steps would otherwise push
 #                      the whole run past 20 minutes (3 pairs x 2 sides x 3 steps)
-#   WORKLOADS="train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2"   (any subset, any order)
+#   WORKLOADS="train-smollm2 train-smollm2-bf16 train-gpt2 train-gpt2-bf16 generate-smollm2 dpo-smollm2 dpo-smollm2-bf16"
+#                      (any subset, any order)
 #   REPEATS_<workload with - as _>  per-workload override, e.g. REPEATS_train_smollm2=2
 #   BENCH_VENV=~/.cache/rlhf-bench-venv   the cached venv with torch + transformers from PyPI
 #   QUIET_WAIT=600     seconds to wait for an idle machine before each process (0: don't check)
@@ -42,7 +48,7 @@ cd "$(dirname "$0")/.."
 PAIRS="${PAIRS:-3}"
 REPEATS="${REPEATS:-}"
 WARMUP="${WARMUP:-1}"
-WORKLOADS="${WORKLOADS:-train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2}"
+WORKLOADS="${WORKLOADS:-train-smollm2 train-smollm2-bf16 train-gpt2 train-gpt2-bf16 generate-smollm2 dpo-smollm2 dpo-smollm2-bf16}"
 VENV="${BENCH_VENV:-$HOME/.cache/rlhf-bench-venv}"
 QUIET_WAIT="${QUIET_WAIT:-600}"
 OTHER_MAX="${OTHER_MAX:-0.2}"
@@ -58,7 +64,6 @@ summarize() {  # RESULTS ELAPSED_S BUSY_WARNINGS
 import json, statistics, sys
 
 path, elapsed, busy_warnings, other_max = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-PEAK = 207.0  # GFLOP/s, f32 GEMM, 2 threads (DESIGN.md section 7)
 ARCH = {  # layers, d, V, matmul weights per layer
     "smollm2": dict(L=30, d=576, V=49152, per_layer=576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536),
     "gpt2": dict(L=12, d=768, V=50257, per_layer=4 * 768 * 768 + 2 * 768 * 3072),
@@ -77,10 +82,17 @@ runs = [json.loads(l) for l in open(path) if l.strip()]
 names = list(dict.fromkeys(r["name"] for r in runs))
 paths = sorted({r["result"].get("ops_path", "?") for r in runs if r["side"] == "rlhf"})
 torch_v = sorted({r["result"].get("torch", "?") for r in runs if r["side"] == "torch"})
+rl = [r["result"] for r in runs if r["side"] == "rlhf"]
 print()
+print(f"CPU: {rl[0].get('cpu', '?')} ({rl[0].get('cpu_flags', '?')})" if rl else "CPU: ?")
+for k, v in (rl[0].get("kernels", {}) if rl else {}).items():
+    print(f"  rlhf {k}: {v}")
+bf16_runs = sorted({r.get("bf16_matmuls") for r in rl if r.get("bf16_requested")})
+if bf16_runs:
+    print(f"  rlhf bf16 = true gave bf16 matmuls: {', '.join(map(str, bf16_runs))}")
 print(f"rlhf ops path: {', '.join(paths)}; PyTorch {', '.join(torch_v)}")
 print()
-print("| workload | rlhf s | PyTorch s | ratio (rlhf/torch, <1 is faster) | rlhf GFLOP/s | % of 207 GFLOP/s peak | peak RSS rlhf MB | peak RSS torch MB |")
+print("| workload | rlhf s | PyTorch s | ratio (rlhf/torch, <1 is faster) | rlhf GFLOP/s | PyTorch GFLOP/s | peak RSS rlhf MB | peak RSS torch MB |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 details, gen_lines = [], []
 for name in names:
@@ -102,7 +114,8 @@ for name in names:
     shape = f'{r0["batch"]}x{r0["seq"]}' + (f'+{r0["new_tokens"]}' if r0["workload"] == "generate" else "")
     if r0["workload"] == "dpo":
         shape = f'{r0["batch"]}+{r0["batch"]}x{r0["seq"]}'
-    print(f"| {name} {shape} | {med['rlhf']:.2f} | {med['torch']:.2f} | {ratio:.2f} | {gf:.1f} | {100 * gf / PEAK:.0f}% | {rss['rlhf']:.0f} | {rss['torch']:.0f} |")
+    gf_torch = flops(r0) / med["torch"] / 1e9
+    print(f"| {name} {shape} | {med['rlhf']:.2f} | {med['torch']:.2f} | {ratio:.2f} | {gf:.1f} | {gf_torch:.1f} | {rss['rlhf']:.0f} | {rss['torch']:.0f} |")
     if r0["workload"] == "generate":
         toks = r0["batch"] * r0["new_tokens"]
         gen_lines.append(f"{name}: rlhf {toks / med['rlhf']:.1f} tokens/s, PyTorch {toks / med['torch']:.1f} tokens/s ({toks} new tokens per run)")
@@ -110,10 +123,8 @@ for name in names:
     other = {s: max((x for r in side[s] for x in r["result"].get("other_cpu", [])), default=0.0) for s in side}
     steal = {s: max((x for r in side[s] for x in r["result"].get("steal_cpu", [])), default=0.0) for s in side}
     retries = sum(r.get("retries", 0) for s in side for r in side[s])
-    gf_torch = flops(r0) / med["torch"] / 1e9
     details.append(
         f"{name}: rlhf [{fmt(times['rlhf'])}] torch [{fmt(times['torch'])}] per-pair ratios [{fmt(ratios)}]; "
-        f"PyTorch {gf_torch:.1f} GFLOP/s ({100 * gf_torch / PEAK:.0f}% of peak); "
         f"max load from other processes rlhf {other['rlhf']:.2f} / torch {other['torch']:.2f} cores, "
         f"max steal {steal['rlhf']:.2f} / {steal['torch']:.2f}, re-runs {retries}"
         + (" -- CONTAMINATED: some timed run shared the CPUs" if max(other.values()) > other_max else "")
@@ -146,6 +157,8 @@ if ! "$VENV/bin/python" -c 'import torch, transformers' 2>/dev/null; then
 fi
 PY="$VENV/bin/python"
 log "$("$VENV/bin/python" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")')"
+
+log "CPU: $(lscpu | sed -n 's/^Model name: *//p'); flags: $(grep -m1 -o -w -E 'avx2|fma|avx512f|avx512_bf16|amx_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 
 # --- rlhf -----------------------------------------------------------------------------------------
 log "cargo build --release"
@@ -187,7 +200,8 @@ workload_args() {
     train-gpt2)       echo "--workload train --arch gpt2 --batch 4 --seq 256" ;;
     generate-smollm2) echo "--workload generate --arch smollm2 --batch 16 --seq 32 --new-tokens 64" ;;
     dpo-smollm2)      echo "--workload dpo --arch smollm2 --batch 4 --seq 256" ;;
-    *) echo "unknown workload '$1' (known: train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2)" >&2; exit 2 ;;
+    *-bf16)           echo "$(workload_args "${1%-bf16}") --bf16" ;;
+    *) echo "unknown workload '$1' (known: train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2, the train/dpo ones with -bf16)" >&2; exit 2 ;;
   esac
 }
 
@@ -224,7 +238,7 @@ run_side() {
 for wl in $WORKLOADS; do
   workload_args "$wl" > /dev/null
   var="REPEATS_${wl//-/_}"
-  case "$wl" in train-smollm2|dpo-smollm2) default_reps=1 ;; *) default_reps=2 ;; esac
+  case "$wl" in train-smollm2*|dpo-smollm2*) default_reps=1 ;; *) default_reps=2 ;; esac
   reps="${!var:-${REPEATS:-$default_reps}}"
   for pair in $(seq "$PAIRS"); do
     log "$wl: pair $pair/$PAIRS (warm-up $WARMUP + $reps timed runs per process)"

@@ -12,7 +12,11 @@ Workloads (see src/commands/bench.rs for the rlhf side):
             over the second half; loss -log sigmoid(beta * margin) against constant reference
             log-probs; backward, clipping, AdamW.
 Dropout is off (GPT-2's default 0.1 would add work that rlhf does not do).
+--bf16 runs the forward (and so the backward) of train and dpo under torch.autocast("cpu",
+torch.bfloat16): what a PyTorch user turns on for mixed precision on CPU. Weights, gradients and
+AdamW stay f32.
 """
+import contextlib
 import argparse
 import json
 import math
@@ -133,15 +137,21 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-def train_step(tr, ids):
-    loss = tr.model(input_ids=ids, labels=ids).loss
+def autocast(bf16):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def train_step(tr, ids, bf16):
+    with autocast(bf16):
+        loss = tr.model(input_ids=ids, labels=ids).loss
     tr.step(loss)
 
 
-def dpo_step(tr, ids, ref_lp):
+def dpo_step(tr, ids, ref_lp, bf16):
     rows, t = ids.shape
     pairs = rows // 2
-    logits = tr.model(input_ids=ids).logits
+    with autocast(bf16):
+        logits = tr.model(input_ids=ids).logits.float()
     lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     # Column j predicts token j + 1; the response is tokens T/2 .. T.
     resp = (torch.arange(t - 1) + 1 >= t // 2).to(lp.dtype)
@@ -188,6 +198,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for train and dpo")
     a = ap.parse_args()
 
     torch.manual_seed(a.seed)
@@ -215,14 +226,14 @@ def main():
         if a.workload == "train":
             ids = torch.randint(0, vocab, (a.batch, a.seq), generator=gen)
             t = time.perf_counter()
-            train_step(tr, ids)
+            train_step(tr, ids, a.bf16)
             elapsed, what = time.perf_counter() - t, "step"
         elif a.workload == "dpo":
             ids = torch.randint(0, vocab, (2 * a.batch, a.seq), generator=gen)
             half = a.seq - a.seq // 2
             ref_lp = -math.log(vocab) * half + (torch.rand(2 * a.batch, generator=gen) * 10 - 5)
             t = time.perf_counter()
-            dpo_step(tr, ids, ref_lp)
+            dpo_step(tr, ids, ref_lp, a.bf16)
             elapsed, what = time.perf_counter() - t, "step"
         else:
             torch.manual_seed(a.seed + i)
@@ -253,6 +264,7 @@ def main():
                 "other_cpu": other_cpu,
                 "steal_cpu": steal_cpu,
                 "torch": torch.__version__,
+                "bf16": a.bf16,
             }
         ),
         flush=True,

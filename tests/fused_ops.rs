@@ -262,3 +262,97 @@ fn skinny_matmul_matches_matmul() {
         );
     }
 }
+
+/// A deterministic f32 matrix with entries in [-1, 1).
+fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut r = crate::common::Lcg(seed);
+    (0..rows * cols)
+        .map(|_| r.below(20001) as f32 / 10000.0 - 1.0)
+        .collect()
+}
+
+#[test]
+fn bf16_gemm_matches_the_rounded_reference_on_every_layout_and_edge() {
+    use rlhf::ops::bf16::{available, gemm, reference, View};
+    if !available() {
+        println!(
+            "skipped: bf16 GEMM parity — this CPU ({}) lacks AVX512-BF16",
+            rlhf::ops::cpu::cpu().model
+        );
+        return;
+    }
+    // Shapes around the tile (12 × 32), the k block (384) and odd k; both operand layouts.
+    for &(m, k, n) in &[
+        (1, 1, 1),
+        (12, 32, 32),
+        (13, 7, 33),
+        (97, 385, 65),
+        (200, 800, 70),
+    ] {
+        let a = matrix(m, k, 1);
+        let b = matrix(k, n, 2);
+        let (at, bt) = (matrix(k, m, 3), matrix(n, k, 4));
+        fn row(d: &[f32], r: usize, c: usize) -> View<'_> {
+            View {
+                data: d,
+                offset: 0,
+                rows: r,
+                cols: c,
+                rs: c,
+                cs: 1,
+            }
+        }
+        for (av, bv) in [
+            (row(&a, m, k), row(&b, k, n)),
+            (row(&at, k, m).t(), row(&bt, n, k).t()),
+        ] {
+            let (got, want) = (gemm(av, bv), reference(av, bv));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            // f32 accumulation of k products of magnitude ≤ 1 in another order.
+            assert!(worst <= 1e-6 * k as f32 + 1e-6, "{m}x{k}x{n}: {worst}");
+        }
+    }
+}
+
+#[test]
+fn every_decode_matmul_path_of_this_cpu_matches_the_reference() {
+    use rlhf::ops::cpu::Isa;
+    for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+        if !Isa::available().contains(&isa) {
+            println!(
+                "skipped: decode matmul path {} — this CPU ({}) lacks it",
+                isa.name(),
+                rlhf::ops::cpu::cpu().model
+            );
+            continue;
+        }
+        // Every tile remainder of each path: rows of w by 3 and 4, rows of x by 4, k by 8 and 16.
+        for (m, k, n) in [
+            (16, 64, 256),
+            (5, 37, 131),
+            (1, 8, 3),
+            (32, 100, 70),
+            (7, 17, 9),
+        ] {
+            let (x, w) = (matrix(m, k, 5), matrix(n, k, 6));
+            let got = rlhf::ops::skinny::product_on(isa, &x, &w, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|o| x[i * k + o] as f64 * w[j * k + o] as f64)
+                        .sum();
+                    let d = (got[i * n + j] as f64 - want).abs();
+                    assert!(
+                        d <= 1e-5 * (1.0 + want.abs()),
+                        "{} {m}x{k}x{n} [{i},{j}]: {d}",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+}

@@ -5,6 +5,7 @@
 mod common;
 
 mod accumulation;
+mod bf16;
 mod chat_template;
 mod cli_errors;
 mod convert;

@@ -31,6 +31,9 @@ pub enum Workload {
     Train,
     Generate,
     Dpo,
+    /// The matmul kernels alone at the training shapes of `--arch` (B·T rows): GFLOP/s of each
+    /// path this CPU has, forward and both backward layouts.
+    Matmul,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -64,6 +67,10 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// bf16 mixed precision for train and dpo, as `bf16 = true` gives it on this CPU
+    /// (RLHF_BF16_KERNEL=on forces the bf16 kernel where the measurement would not use it).
+    #[arg(long)]
+    pub bf16: bool,
 }
 
 const LR: f64 = 1e-5;
@@ -229,19 +236,112 @@ fn dpo_step(
     step(optimizer, &loss)
 }
 
+/// GFLOP/s of the matmul paths at the shapes of one transformer layer and the LM head.
+fn matmul_workload(cfg: &ModelConfig, rows: usize, repeats: usize) -> Result<()> {
+    use crate::ops::bf16;
+    let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let kv = cfg.num_kv_heads * cfg.head_dim;
+    let dev = &Device::Cpu;
+    let mut out = vec![];
+    for (what, k, n) in [("qo", d, d), ("kv", d, kv), ("up", d, f), ("down", f, d)] {
+        let x = Tensor::randn(0f32, 1.0, (rows, k), dev)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), dev)?;
+        let dy = Tensor::randn(0f32, 1.0, (rows, n), dev)?;
+        let flop = 2.0 * (rows * k * n) as f64;
+        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+            f()?;
+            let t = Instant::now();
+            for _ in 0..repeats {
+                f()?;
+            }
+            Ok(t.elapsed().as_secs_f64() / repeats as f64)
+        };
+        let mut line = json!({"shape": what, "m": rows, "k": k, "n": n});
+        for (layout, secs) in [
+            ("f32 x·wT", time(&|| Ok(x.matmul(&w.t()?)?))?),
+            ("f32 dy·w", time(&|| Ok(dy.matmul(&w)?))?),
+            ("f32 dyT·x", time(&|| Ok(dy.t()?.matmul(&x)?))?),
+        ] {
+            line[layout] = json!((flop / secs / 1e9 * 10.0).round() / 10.0);
+        }
+        if bf16::available() {
+            let (xv, wv, dyv) = (
+                x.to_vec2::<f32>()?,
+                w.to_vec2::<f32>()?,
+                dy.to_vec2::<f32>()?,
+            );
+            let flat = |v: &[Vec<f32>]| v.concat();
+            let (xf, wf, dyf) = (flat(&xv), flat(&wv), flat(&dyv));
+            let view = |data: &[f32], rows: usize, cols: usize| bf16::View {
+                data: unsafe { std::slice::from_raw_parts(data.as_ptr(), data.len()) },
+                offset: 0,
+                rows,
+                cols,
+                rs: cols,
+                cs: 1,
+            };
+            let t = |f: &dyn Fn() -> Vec<f32>| {
+                f();
+                let s = Instant::now();
+                for _ in 0..repeats {
+                    f();
+                }
+                s.elapsed().as_secs_f64() / repeats as f64
+            };
+            for (layout, secs) in [
+                (
+                    "bf16 x·wT",
+                    t(&|| bf16::gemm(view(&xf, rows, k), view(&wf, n, k).t())),
+                ),
+                (
+                    "bf16 dy·w",
+                    t(&|| bf16::gemm(view(&dyf, rows, n), view(&wf, n, k))),
+                ),
+                (
+                    "bf16 dyT·x",
+                    t(&|| bf16::gemm(view(&dyf, rows, n).t(), view(&xf, rows, k))),
+                ),
+            ] {
+                line[layout] = json!((flop / secs / 1e9 * 10.0).round() / 10.0);
+            }
+        }
+        eprintln!("{line}");
+        out.push(line);
+    }
+    println!(
+        "{}",
+        json!({"workload": "matmul", "cpu": crate::ops::cpu::cpu().model, "gflops": out})
+    );
+    Ok(())
+}
+
 pub fn run(args: &BenchArgs) -> Result<()> {
     if args.batch == 0 || args.seq < 2 || args.repeats == 0 {
         bail!("--batch and --repeats must be at least 1 and --seq at least 2");
+    }
+    if args.workload == Workload::Matmul {
+        let cfg = match args.arch {
+            Arch::Smollm2 => smollm2_135m_config(),
+            Arch::Gpt2 => gpt2_small_config(),
+        };
+        return matmul_workload(&cfg, args.batch * args.seq, args.repeats);
     }
     let cfg: ModelConfig = match args.arch {
         Arch::Smollm2 => smollm2_135m_config(),
         Arch::Gpt2 => gpt2_small_config(),
     };
     let trainable = args.workload != Workload::Generate;
+    let bf16 = super::bf16_pays(args.bf16 && trainable);
+    crate::ops::bf16::set_enabled(bf16)?;
     let t_build = Instant::now();
     let weights = random_weights(&cfg, args.seed)?;
     let model = CausalLm::from_weights(cfg.clone(), weights, trainable)?;
-    let label = format!("rlhf {} {}", name(args.workload), name(args.arch));
+    let label = format!(
+        "rlhf {} {}{}",
+        name(args.workload),
+        name(args.arch),
+        if bf16 { " bf16" } else { "" }
+    );
     eprintln!(
         "{label}: random {:.1}M-parameter model built in {:.1}s",
         cfg.num_parameters() as f64 / 1e6,
@@ -272,6 +372,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 dpo_step(&model, optimizer.as_mut().unwrap(), &ids, &ref_lp)?;
                 (t.elapsed(), "step")
             }
+            Workload::Matmul => unreachable!("handled above"),
             Workload::Generate => {
                 let prompts: Vec<Vec<u32>> = prompt_lengths(args.batch, args.seq)
                     .into_iter()
@@ -328,6 +429,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "new_tokens": if args.workload == Workload::Generate { Some(args.new_tokens) } else { None },
             "params": cfg.num_parameters(),
             "ops_path": format!("{:?}", ops::default_path()).to_lowercase(),
+            "bf16_requested": args.bf16,
+            "bf16_matmuls": bf16,
+            "cpu": ops::cpu::cpu().model,
+            "cpu_flags": ops::cpu::cpu().flags(),
+            "kernels": ops::cpu::kernel_paths().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             // Average cores used by other processes / taken by the hypervisor during each timed run.
             "other_cpu": other_cpu,
             "steal_cpu": steal_cpu,

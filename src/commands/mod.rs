@@ -62,6 +62,7 @@ pub fn start_training(
     if train.threads > 0 {
         std::env::set_var("RAYON_NUM_THREADS", train.threads.to_string());
     }
+    crate::ops::bf16::set_enabled(bf16_pays(train.bf16))?;
     let existing = match (args.resume, args.overwrite) {
         (true, _) => Existing::Resume,
         (false, true) => Existing::Replace,
@@ -69,6 +70,26 @@ pub fn start_training(
     };
     let out = OutputDir::claim(&train.output_dir, inputs, existing)?;
     Ok((train, out))
+}
+
+/// Whether a run that asks for bf16 gets bf16 matmuls on this CPU; says which on stderr.
+pub fn bf16_pays(requested: bool) -> bool {
+    if !requested {
+        return false;
+    }
+    let d = crate::ops::bf16::decision();
+    if d.use_kernel {
+        eprintln!(
+            "bf16: matmul operands in bf16, f32 accumulation ({})",
+            d.reason
+        );
+    } else {
+        eprintln!(
+            "note: bf16 = true, but bf16 matmuls do not pay on this CPU ({}); training in f32",
+            d.reason
+        );
+    }
+    d.use_kernel
 }
 
 /// Loads a model for inference and says on stderr what was loaded.

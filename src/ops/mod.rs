@@ -8,6 +8,8 @@
 
 pub mod activation;
 pub mod attention;
+pub mod bf16;
+pub mod cpu;
 mod kernel;
 pub mod lm_head;
 pub mod norm;
@@ -89,10 +91,14 @@ impl OpsPath {
         }
     }
 
-    /// x [m, k] · wᵀ for w [n, k]; a few rows (a decoding step) skip GEMM's packing of w.
+    /// x [m, k] · wᵀ for w [n, k]; a few rows (a decoding step) skip GEMM's packing of w; with
+    /// bf16 matmuls on (`bf16::set_enabled`), larger products take bf16 operands.
     pub fn matmul_t(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        if self.fused(x) && x.dim(0)? <= skinny::MAX_ROWS && w.dtype() == DType::F32 {
+        let f32_cpu = self.fused(x) && w.dtype() == DType::F32;
+        if f32_cpu && x.dim(0)? <= skinny::MAX_ROWS {
             skinny::matmul_t(x, w)
+        } else if f32_cpu && bf16::enabled() {
+            bf16::matmul_t(x, w)
         } else {
             x.matmul(&w.t()?)
         }

@@ -2,12 +2,14 @@
 //! into its own layout on every call, which for a handful of rows costs as much as the product;
 //! here W [N, K] is read in place, in tiles of 3 rows of W × 4 rows of x: 12 accumulators of 8
 //! lanes and 4 operands fill AVX2's 16 registers.
+//! AVX-512 CPUs take 4 × 4 tiles of 16 lanes; the path is chosen at run time (`path`).
 //! The backward is the usual pair of matmuls, so the op is safe anywhere; `Tensor::matmul` is the
 //! reference.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::Isa;
 use super::kernel::{contiguous, SharedMut};
 
 /// The largest number of rows this kernel takes; more rows amortise GEMM packing.
@@ -164,38 +166,106 @@ unsafe fn columns_avx2(
     }
 }
 
-fn fma_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+/// The AVX-512 version of `columns`: tiles of 4 rows of w × 4 rows of x in 16 registers of 16
+/// lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_avx512(
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: SharedMut,
+) {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let whole = k / L * L;
+    let mut j = j0;
+    while j + 4 <= j1 {
+        let mut i = 0;
+        while i + 4 <= m {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            let mut o = 0;
+            while o < whole {
+                let wv = [0, 1, 2, 3].map(|a| _mm512_loadu_ps(wp.add((j + a) * k + o)));
+                for b in 0..4 {
+                    let xv = _mm512_loadu_ps(xp.add((i + b) * k + o));
+                    for a in 0..4 {
+                        acc[4 * a + b] = _mm512_fmadd_ps(wv[a], xv, acc[4 * a + b]);
+                    }
+                }
+                o += L;
+            }
+            for a in 0..4 {
+                for b in 0..4 {
+                    let mut s = _mm512_reduce_add_ps(acc[4 * a + b]);
+                    for o in whole..k {
+                        s += *wp.add((j + a) * k + o) * *xp.add((i + b) * k + o);
+                    }
+                    *out.at((i + b) * n + j + a) = s;
+                }
+            }
+            i += 4;
+        }
+        while i < m {
+            tile::<4, 1>(xp, wp, k, i, j, out, n);
+            i += 1;
+        }
+        j += 4;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    while j < j1 {
+        for i in 0..m {
+            tile::<1, 1>(xp, wp, k, i, j, out, n);
+        }
+        j += 1;
     }
 }
 
-/// x [m, k] · w[n, k]ᵀ → [m, n], parallel over blocks of w's rows.
-fn product(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// The path `matmul_t` takes on this CPU.
+pub fn path() -> Isa {
+    Isa::best()
+}
+
+/// x [m, k] · w[n, k]ᵀ → [m, n], parallel over blocks of w's rows, on the given path (which the
+/// CPU must have: see `Isa::available`).
+pub fn product_on(isa: Isa, x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    assert!(
+        x.len() >= m * k && w.len() >= n * k,
+        "skinny matmul: operand sizes"
+    );
+    assert!(
+        Isa::available().contains(&isa),
+        "this CPU lacks {}",
+        isa.name()
+    );
     let mut out = vec![0f32; m * n];
     let ptr = SharedMut(out.as_mut_ptr());
     // Blocks of 64 rows of w: large enough to stream, small enough to balance two threads.
     let blocks = n.div_ceil(64);
-    let avx2 = fma_available();
     (0..blocks).into_par_iter().for_each(|blk| {
         let (j0, j1) = (blk * 64, ((blk + 1) * 64).min(n));
-        // SAFETY: each block writes columns j0..j1 of out only; x, w, out have the stated sizes.
+        // SAFETY: each block writes columns j0..j1 of out only; x, w, out have the stated sizes;
+        // the CPU has the path's instructions (checked above).
         unsafe {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                columns_avx2(x, w, m, k, n, j0, j1, ptr);
-                return;
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => columns_avx512(x, w, m, k, n, j0, j1, ptr),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => columns_avx2(x, w, m, k, n, j0, j1, ptr),
+                _ => columns(x, w, m, k, n, j0, j1, ptr),
             }
-            let _ = avx2;
-            columns(x, w, m, k, n, j0, j1, ptr);
         }
     });
     out
+}
+
+fn product(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    product_on(path(), x, w, m, k, n)
 }
 
 struct Skinny;

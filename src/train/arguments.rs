@@ -44,6 +44,8 @@ pub struct TrainConfig {
     pub on_nonfinite: OnNonFinite,
     /// Threads for tensor work (0: all cores).
     pub threads: usize,
+    /// bf16 mixed precision: matmul operands in bf16, f32 accumulation (where it pays here).
+    pub bf16: bool,
 }
 
 impl Default for TrainConfig {
@@ -71,6 +73,7 @@ impl Default for TrainConfig {
             save_total_limit: 2,
             on_nonfinite: OnNonFinite::Stop,
             threads: 0,
+            bf16: false,
         }
     }
 }
@@ -134,6 +137,10 @@ impl Section for TrainConfig {
             "NaN/Inf loss or gradient: \"stop\" the run or \"skip\" the step",
         ),
         KeyDoc::new("threads", "CPU threads for tensor work (0: all cores)"),
+        KeyDoc::new(
+            "bf16",
+            "bf16 mixed precision: matmul operands in bf16 with f32 accumulation; weights, AdamW moments, norms, softmax, log-probs and the loss stay f32. Used where this CPU's bf16 dot product beats its f32 FMA (measured at start); elsewhere the run stays f32 and says so",
+        ),
     ];
 }
 
