@@ -5,8 +5,15 @@ use rlhf::commands;
 
 // Large fresh tensors page-fault less with mimalloc's reuse than with the system allocator
 // (measured on the LM head: 162 → ~205 GFLOP/s; bench/RESULTS.md has the current figures).
-/// `mi_option_purge_delay` in mimalloc.h (v2 and v3); libmimalloc-sys has no constant for it.
+/// `mi_option_purge_delay` and `mi_option_arena_eager_commit` in mimalloc.h (v2);
+/// libmimalloc-sys has no constants for them.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+extern "C" {
+    /// mimalloc.h; libmimalloc-sys binds only the `_ex` form, behind a feature.
+    fn mi_reserve_os_memory(size: usize, commit: bool, allow_large: bool) -> std::ffi::c_int;
+}
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -56,8 +63,19 @@ enum Command {
 fn main() {
     // Keep freed pages instead of returning them to the OS at once: training frees and reallocates
     // the same large buffers every step, and re-faulting zeroed pages cost ~20% of an SFT step.
-    // SAFETY: sets a process-wide allocator option; called before any other thread exists.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // Arenas committed when reserved: with purging off, a large buffer freed and allocated again
+    // (candle's gradients, every step) reuses committed memory instead of faulting in zeroed
+    // pages again (GPT-2 4x256 step: 7.1-7.6 s -> 6.9-7.1 s on the Intel Xeon of
+    // bench/RESULTS.md; page clearing was 11% of the step).
+    // SAFETY: sets process-wide allocator options; called before any other thread exists.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 1);
+        // The arena of the allocations made before main was reserved with the defaults: reserve
+        // one that follows the options above (address space only until touched; failure is
+        // harmless, allocations then come from new arenas as before).
+        mi_reserve_os_memory(16 << 30, true, false);
+    }
     // candle runs element-wise ops on its own spinning thread pool beside rayon's GEMM threads; on
     // few cores the two pools fight (an SmolLM2 SFT step measured 2.5-3x slower). Element-wise
     // work stays on the calling thread unless the user asks otherwise.

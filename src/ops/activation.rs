@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use super::kernel::{contiguous, with_contiguous};
+use super::simd::tanh;
 
 /// The MLP activations of the supported families.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,8 +27,48 @@ pub enum Activation {
 /// Elements per parallel chunk: large enough to amortise the task, small enough to balance.
 const CHUNK: usize = 1 << 14;
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + super::simd::exp(-x))
+}
+
+crate::widest_fn! {
+    fn swiglu_chunk(y: &mut [f32], g: &[f32], u: &[f32]) {
+        for i in 0..y.len() {
+            y[i] = g[i] * sigmoid(g[i]) * u[i];
+        }
+    }
+}
+
+crate::widest_fn! {
+    fn swiglu_grad_chunk(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        for i in 0..dg.len() {
+            let s = sigmoid(g[i]);
+            dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+            du[i] = dy[i] * g[i] * s;
+        }
+    }
+}
+
+crate::widest_fn! {
+    fn gelu_chunk(y: &mut [f32], x: &[f32]) {
+        for i in 0..y.len() {
+            let v = x[i];
+            y[i] = 0.5 * v * (1.0 + tanh(GELU_C * (v + GELU_A * v * v * v)));
+        }
+    }
+}
+
+crate::widest_fn! {
+    fn gelu_grad_chunk(dx: &mut [f32], x: &[f32], dy: &[f32]) {
+        for i in 0..dx.len() {
+            let v = x[i];
+            let t = tanh(GELU_C * (v + GELU_A * v * v * v));
+            let slope = 0.5 * (1.0 + t)
+                + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v);
+            dx[i] = dy[i] * slope;
+        }
+    }
 }
 
 struct SwiGlu;
@@ -54,11 +95,7 @@ impl CustomOp2 for SwiGlu {
         let mut y = vec![0f32; g.len()];
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                for i in 0..y.len() {
-                    y[i] = g[i] * sigmoid(g[i]) * u[i];
-                }
-            });
+            .for_each(|(y, (g, u))| swiglu_chunk(y, g, u));
         Ok((CpuStorage::F32(y), gl.shape().clone()))
     }
 
@@ -78,13 +115,7 @@ impl CustomOp2 for SwiGlu {
                         .zip(du.par_chunks_mut(CHUNK))
                         .zip(g.par_chunks(CHUNK))
                         .zip(u.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-                        .for_each(|(((dg, du), g), (u, dy))| {
-                            for i in 0..dg.len() {
-                                let s = sigmoid(g[i]);
-                                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                                du[i] = dy[i] * g[i] * s;
-                            }
-                        });
+                        .for_each(|(((dg, du), g), (u, dy))| swiglu_grad_chunk(dg, du, g, u, dy));
                     Ok((dg, du))
                 })
             })
@@ -111,12 +142,7 @@ impl CustomOp1 for GeluTanh {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for i in 0..y.len() {
-                    let v = x[i];
-                    y[i] = 0.5 * v * (1.0 + (GELU_C * (v + GELU_A * v * v * v)).tanh());
-                }
-            });
+            .for_each(|(y, x)| gelu_chunk(y, x));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -126,15 +152,7 @@ impl CustomOp1 for GeluTanh {
                 let mut dx = vec![0f32; x.len()];
                 dx.par_chunks_mut(CHUNK)
                     .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-                    .for_each(|(dx, (x, dy))| {
-                        for i in 0..dx.len() {
-                            let v = x[i];
-                            let t = (GELU_C * (v + GELU_A * v * v * v)).tanh();
-                            let slope = 0.5 * (1.0 + t)
-                                + 0.5 * v * (1.0 - t * t) * GELU_C * (1.0 + 3.0 * GELU_A * v * v);
-                            dx[i] = dy[i] * slope;
-                        }
-                    });
+                    .for_each(|(dx, (x, dy))| gelu_grad_chunk(dx, x, dy));
                 Ok(dx)
             })
         })?;

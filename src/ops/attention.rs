@@ -14,6 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::kernel::{matmul, with_contiguous, with_storage, Mat, SharedConst, SharedMut};
+use super::simd;
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -206,16 +207,10 @@ impl CustomOp3 for Attention {
                         let at = (bi, hi, kvh, q0, rows);
                         block_scores(&mut p, &q, &k, bias_rows, dims, at, (lo, n), self.scale);
                         for (r, row) in p[..rows * n].chunks_exact_mut(n).enumerate() {
-                            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            let mut sum = 0f32;
-                            for x in row.iter_mut() {
-                                *x = (*x - max).exp();
-                                sum += *x;
-                            }
-                            let inv = 1.0 / sum;
-                            row.iter_mut().for_each(|x| *x *= inv);
+                            let (max, sum) = simd::softmax_in_place(row);
                             // SAFETY: (bi, hi, q0 + r) is written by this task only.
-                            unsafe { *lse_ptr.at((bi * h + hi) * t + q0 + r) = max + sum.ln() };
+                            let lse = max + (sum as f32).ln();
+                            unsafe { *lse_ptr.at((bi * h + hi) * t + q0 + r) = lse };
                         }
                         // SAFETY: out rows of head hi belong to this task; p is rows×n.
                         unsafe {
@@ -342,7 +337,7 @@ impl Attention {
                     let row_of = |r: usize| ((bi * t + q0 + r) * h + hi) * hd;
                     for (r, row) in p[..rows * n].chunks_exact_mut(n).enumerate() {
                         let l = lse[(bi * h + hi) * t + q0 + r];
-                        row.iter_mut().for_each(|x| *x = (*x - l).exp());
+                        simd::exp_shifted(row, l);
                     }
                     let d_o = Mat {
                         ptr: dout[row_of(0)..].as_ptr(),

@@ -6,6 +6,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::simd;
+
 /// Rows per chunk: a chunk's logits are ROWS × V floats (≈ 25 MB for V = 49k).
 const ROWS: usize = 128;
 
@@ -53,14 +55,7 @@ fn softmax_rows(logits: &mut [f32], vocab: usize) -> Vec<f32> {
     logits
         .par_chunks_mut(vocab)
         .map(|row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for x in row.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
+            let (max, sum) = simd::softmax_in_place(row);
             max + sum.ln() as f32
         })
         .collect()

@@ -14,6 +14,7 @@ mod kernel;
 pub mod lm_head;
 pub mod norm;
 pub mod rope;
+pub mod simd;
 pub mod skinny;
 
 /// Which implementation of the fused operations to use. The reference path is the composed,

@@ -87,6 +87,49 @@ struct AdamWUpdate<'a> {
     nonfinite: &'a Mutex<bool>,
 }
 
+/// The numbers of one AdamW update (f32, as the kernel computes).
+#[derive(Clone, Copy)]
+struct Rule {
+    lr: f32,
+    scale: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    decay: f32,
+    bc1: f32,
+    bc2: f32,
+}
+
+impl AdamWUpdate<'_> {
+    fn rule(&self) -> Rule {
+        Rule {
+            lr: self.lr,
+            scale: self.scale,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            decay: self.decay,
+            bc1: self.bc1,
+            bc2: self.bc2,
+        }
+    }
+}
+
+crate::widest_fn! {
+    /// p ← p − lr·(m̂/(√v̂ + ε) + λ·p) over one chunk, with the moments updated in place.
+    fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], r: Rule) {
+        let (b1, b2) = (r.beta1, r.beta2);
+        for i in 0..p.len() {
+            let g = g[i] * r.scale;
+            m[i] = b1 * m[i] + (1.0 - b1) * g;
+            v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+            let m_hat = m[i] / r.bc1;
+            let v_hat = v[i] / r.bc2;
+            p[i] -= r.lr * (m_hat / (v_hat.sqrt() + r.eps) + r.decay * p[i]);
+        }
+    }
+}
+
 impl InplaceOp2 for AdamWUpdate<'_> {
     fn name(&self) -> &'static str {
         "adamw-update"
@@ -108,23 +151,13 @@ impl InplaceOp2 for AdamWUpdate<'_> {
         let p = &mut data[start..end];
         let mut state = self.state.lock().unwrap();
         let (m, v) = &mut *state;
-        let (b1, b2) = (self.beta1, self.beta2);
         // Element-wise and independent: split into chunks across threads.
         const CHUNK: usize = 1 << 16;
         p.par_chunks_mut(CHUNK)
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .zip(self.grad.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| {
-                for i in 0..p.len() {
-                    let g = g[i] * self.scale;
-                    m[i] = b1 * m[i] + (1.0 - b1) * g;
-                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                    let m_hat = m[i] / self.bc1;
-                    let v_hat = v[i] / self.bc2;
-                    p[i] -= self.lr * (m_hat / (v_hat.sqrt() + self.eps) + self.decay * p[i]);
-                }
-            });
+            .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, self.rule()));
         if p.iter().any(|x| !x.is_finite()) {
             *self.nonfinite.lock().unwrap() = true;
         }
