@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::model::{check_ids, CausalLm, KvCache, StepInputs};
 use crate::ops;
@@ -59,12 +60,59 @@ impl Sample {
     }
 }
 
-/// log softmax of one row, in place-free f64 accumulation.
+/// log softmax of one row (f64 sum of the exponentials).
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let mut e = logits.to_vec();
+    let (max, sum) = ops::simd::softmax_in_place(&mut e);
     let lse = max + sum.ln() as f32;
     logits.iter().map(|&x| x - lse).collect()
+}
+
+/// The model's distribution over the next token of one row, from one pass of exponentials:
+/// probabilities, log-sum-exp and entropy (nats).
+struct NextToken {
+    probs: Vec<f32>,
+    lse: f32,
+    entropy: f32,
+}
+
+impl NextToken {
+    fn of(logits: &[f32]) -> NextToken {
+        let mut probs = logits.to_vec();
+        let (max, sum) = ops::simd::softmax_in_place(&mut probs);
+        let lse = max + sum.ln() as f32;
+        // H = −Σ p·(x − lse) = lse − Σ p·x.
+        let px: f64 = probs
+            .iter()
+            .zip(logits)
+            .filter(|(&p, _)| p > 0.0)
+            .map(|(&p, &x)| p as f64 * x as f64)
+            .sum();
+        NextToken {
+            probs,
+            lse,
+            entropy: (lse as f64 - px) as f32,
+        }
+    }
+
+    /// Draws a token with one uniform number (the model's own distribution: temperature 1, no
+    /// truncation).
+    fn draw(&self, rng: &mut ChaCha8Rng) -> usize {
+        let u: f64 = rng.random();
+        let mut cum = 0.0f64;
+        let mut last_kept = 0;
+        for (i, &p) in self.probs.iter().enumerate() {
+            if p == 0.0 {
+                continue;
+            }
+            last_kept = i;
+            cum += p as f64;
+            if u < cum {
+                return i;
+            }
+        }
+        last_kept
+    }
 }
 
 /// The sampling distribution as log-probs (−∞ for removed tokens): temperature, then top-k, then
@@ -190,6 +238,8 @@ pub fn generate(
                 .collect::<Vec<u32>>(),
         );
     }
+    // Decoding steps may use the model's bf16 weight copies, when it has them.
+    let _decoding = ops::skinny::DecodeScope::open();
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut cache = KvCache::new(mc.num_layers);
     let inp = StepInputs::from_padded(mc, &ids, &key_mask)?;
@@ -204,10 +254,16 @@ pub fn generate(
     for step in 0..cfg.max_new_tokens {
         let mut keep = Vec::with_capacity(active.len());
         let mut fed = Vec::with_capacity(active.len());
+        // The rows' distributions in parallel; the draws in row order, each from its own stream.
+        let next: Vec<NextToken> = logits.par_iter().map(|l| NextToken::of(l)).collect();
+        let plain = cfg.temperature == 1.0 && cfg.top_k == 0 && cfg.top_p >= 1.0;
         for (j, &row) in active.iter().enumerate() {
-            let model_lp = log_softmax(&logits[j]);
+            let model = &next[j];
             let (tok, sample_lp) = if cfg.temperature == 0.0 {
                 (argmax(&logits[j]), 0.0)
+            } else if plain {
+                let t = model.draw(&mut rngs[row]);
+                (t, logits[j][t] - model.lse)
             } else {
                 let lp = sampling_logprobs(&logits[j], cfg);
                 let t = draw(&lp, &mut rngs[row]);
@@ -216,13 +272,8 @@ pub fn generate(
             let s = &mut samples[row];
             s.tokens.push(tok as u32);
             s.sampling_logprobs.push(sample_lp);
-            s.model_logprobs.push(model_lp[tok]);
-            s.entropies.push(
-                -model_lp
-                    .iter()
-                    .map(|&l| (l as f64).exp() * l as f64)
-                    .sum::<f64>() as f32,
-            );
+            s.model_logprobs.push(logits[j][tok] - model.lse);
+            s.entropies.push(model.entropy);
             if cfg.stop_ids.contains(&(tok as u32)) {
                 s.stopped = true;
             } else {

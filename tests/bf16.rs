@@ -182,3 +182,80 @@ fn sampler_and_bf16_trainer_log_probs_agree_within_bf16_rounding() {
     println!("max |log π_sampler − log π_bf16 trainer| = {worst:.2e}");
     assert!(worst < 0.1, "{worst}");
 }
+
+/// The decode matmul with bf16 weight copies: exact products of f32 inputs and bf16-rounded
+/// weights (against plain loops), and sampling with the copies stays within bf16 rounding of f32.
+#[test]
+fn bf16_decode_weights_round_only_the_weights() {
+    use rlhf::ops::cpu::Isa;
+    use rlhf::ops::skinny::{product_bf16_on, Bf16Weights};
+    let mut rng = Lcg(31);
+    let mut mat = |r: usize, c: usize| -> Vec<f32> {
+        (0..r * c)
+            .map(|_| rng.below(2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    for isa in [Isa::Scalar, Isa::Avx512] {
+        if !Isa::available().contains(&isa) {
+            println!(
+                "skipped: bf16 decode matmul path {} — this CPU lacks it",
+                isa.name()
+            );
+            continue;
+        }
+        for (m, k, n) in [(1, 8, 3), (5, 37, 131), (16, 64, 256), (7, 17, 9)] {
+            let (x, w) = (mat(m, k), mat(n, k));
+            let wt = candle_core::Tensor::from_vec(w.clone(), (n, k), &candle_core::Device::Cpu)
+                .unwrap();
+            let got = product_bf16_on(isa, &x, &Bf16Weights::from_tensor(&wt).unwrap(), m);
+            let round = |v: f32| rlhf::ops::bf16::from_bf16(rlhf::ops::bf16::to_bf16(v)) as f64;
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|o| x[i * k + o] as f64 * round(w[j * k + o]))
+                        .sum();
+                    let d = (got[i * n + j] as f64 - want).abs();
+                    assert!(
+                        d <= 1e-5 * (1.0 + want.abs()),
+                        "{} {m}x{k}x{n}: {d}",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+    // Sampling with the copies: the recorded log-probs stay within bf16 rounding of an f32 pass.
+    use rlhf::generate::{generate, SamplingConfig};
+    let mut ck = rlhf::checkpoint::Checkpoint::load(&model_path("llama-tied"), false).unwrap();
+    if !ck.model.use_bf16_decode_weights(true).unwrap() {
+        println!("skipped: sampling with bf16 decode weights — no AVX-512 here");
+        return;
+    }
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| vec![5 + i, 9, 40]).collect();
+    let cfg = SamplingConfig {
+        max_new_tokens: 10,
+        seed: 5,
+        ..Default::default()
+    };
+    let samples = generate(&ck.model, &prompts, &cfg).unwrap();
+    let seqs: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let starts: Vec<usize> = samples.iter().map(|s| s.prompt.len()).collect();
+    let (lp, _, _) = ck
+        .model
+        .completion_logprobs(&refs, &starts, rlhf::ops::default_path())
+        .unwrap();
+    let lp = lp.to_vec2::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (n, s) in samples.iter().enumerate() {
+        worst = worst.max(max_abs_diff(
+            &lp[n][starts[n] - 1..seqs[n].len() - 1],
+            &s.model_logprobs,
+        ));
+    }
+    println!("max |log π_bf16 decode − log π_f32| = {worst:.2e}");
+    assert!(worst > 0.0 && worst < 0.1, "{worst}");
+}

@@ -68,7 +68,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// bf16 mixed precision for train and dpo, as `bf16 = true` gives it on this CPU
-    /// (RLHF_BF16_KERNEL=on forces the bf16 kernel where the measurement would not use it).
+    /// (RLHF_BF16_KERNEL=on forces the bf16 kernel where the measurement would not use it);
+    /// bf16 decode weights for generate, as `rlhf generate --bf16`.
     #[arg(long)]
     pub bf16: bool,
 }
@@ -335,12 +336,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     crate::ops::bf16::set_enabled(bf16)?;
     let t_build = Instant::now();
     let weights = random_weights(&cfg, args.seed)?;
-    let model = CausalLm::from_weights(cfg.clone(), weights, trainable)?;
+    let mut model = CausalLm::from_weights(cfg.clone(), weights, trainable)?;
+    let decode16 =
+        args.bf16 && args.workload == Workload::Generate && model.use_bf16_decode_weights(true)?;
     let label = format!(
         "rlhf {} {}{}",
         name(args.workload),
         name(args.arch),
-        if bf16 { " bf16" } else { "" }
+        if bf16 || decode16 { " bf16" } else { "" }
     );
     eprintln!(
         "{label}: random {:.1}M-parameter model built in {:.1}s",
@@ -431,6 +434,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "ops_path": format!("{:?}", ops::default_path()).to_lowercase(),
             "bf16_requested": args.bf16,
             "bf16_matmuls": bf16,
+            "bf16_decode_weights": decode16,
             "cpu": ops::cpu::cpu().model,
             "cpu_flags": ops::cpu::cpu().flags(),
             "kernels": ops::cpu::kernel_paths().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),

@@ -77,10 +77,10 @@ impl Gpt2 {
             let ln_1 = norm("ln_1")?;
             let ln_2 = norm("ln_2")?;
             let mut linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-                Ok(Linear {
-                    weight: get(&format!("{p}.{name}.weight"), &[out, inp])?,
-                    bias: Some(get(&format!("{p}.{name}.bias"), &[out])?),
-                })
+                Ok(Linear::new(
+                    get(&format!("{p}.{name}.weight"), &[out, inp])?,
+                    Some(get(&format!("{p}.{name}.bias"), &[out])?),
+                ))
             };
             blocks.push(Block {
                 ln_1,
@@ -162,6 +162,14 @@ impl Gpt2 {
             x = (x + blk.mlp_proj.forward(&m, path)?)?;
         }
         path.layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, cfg.norm_eps)
+    }
+
+    /// Every projection, for building or dropping their decode copies.
+    pub(super) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj])
+            .collect()
     }
 
     pub fn lm_head_weight(&self) -> &Tensor {

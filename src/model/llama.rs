@@ -61,14 +61,14 @@ impl Llama {
         for i in 0..cfg.num_layers {
             let p = format!("layers.{i}");
             let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                Ok(Linear {
-                    weight: get(&format!("{p}.{name}.weight"), &[out, inp])?,
-                    bias: if bias {
+                Ok(Linear::new(
+                    get(&format!("{p}.{name}.weight"), &[out, inp])?,
+                    if bias {
                         Some(get(&format!("{p}.{name}.bias"), &[out])?)
                     } else {
                         None
                     },
-                })
+                ))
             };
             let attn = Attention {
                 q: linear("self_attn.q_proj", qd, d, cfg.qkv_bias)?,
@@ -142,6 +142,25 @@ impl Llama {
                 .forward(&path.gated(&gate, &up, cfg.activation)?, path)?)?;
         }
         path.rms_norm(&x, &self.norm, cfg.norm_eps)
+    }
+
+    /// Every projection, for building or dropping their decode copies.
+    pub(super) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        self.blocks
+            .iter_mut()
+            .flat_map(|b| {
+                let (a, m) = (&mut b.attn, &mut b.mlp);
+                [
+                    &mut a.q,
+                    &mut a.k,
+                    &mut a.v,
+                    &mut a.o,
+                    &mut m.gate,
+                    &mut m.up,
+                    &mut m.down,
+                ]
+            })
+            .collect()
     }
 
     /// The unembedding matrix [V, D].

@@ -171,6 +171,8 @@ pub struct CausalLm {
     pub unused_tensors: Vec<String>,
     /// `score.weight` [1, D] of a `*ForSequenceClassification` checkpoint (reward/value head).
     pub score_head: Option<Tensor>,
+    /// The bf16 decode copy of the unembedding (with the projections' own copies).
+    lm_head_decode: Option<std::sync::Arc<ops::skinny::Bf16Weights>>,
 }
 
 impl CausalLm {
@@ -195,6 +197,7 @@ impl CausalLm {
             params: pc.params,
             unused_tensors: weights.leftover(),
             score_head,
+            lm_head_decode: None,
         })
     }
 
@@ -235,9 +238,40 @@ impl CausalLm {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let mut out = dims;
         *out.last_mut().unwrap() = w.dim(0)?;
-        ops::default_path()
-            .matmul_t(&hidden.reshape((rows, d))?, w)?
-            .reshape(out)
+        let h = hidden.reshape((rows, d))?;
+        match &self.lm_head_decode {
+            Some(w16) if rows <= ops::skinny::MAX_ROWS && ops::skinny::decoding() => {
+                ops::skinny::matmul_t_bf16(&h, w16)?.reshape(out)
+            }
+            _ => ops::default_path().matmul_t(&h, w)?.reshape(out),
+        }
+    }
+
+    /// Makes (or drops) frozen bf16 copies of every projection and of the unembedding, which the
+    /// sampler's few-row decoding steps stream instead of the f32 weights: half the bytes per
+    /// generated token. For models that do not train while they sample (the copies are not
+    /// updated). Returns whether the copies are in use: they are made only where they have a
+    /// fast kernel (AVX-512).
+    pub fn use_bf16_decode_weights(&mut self, on: bool) -> Result<bool> {
+        let on = on && ops::skinny::bf16_decode_available();
+        let make = |w: &Tensor| -> Result<Option<std::sync::Arc<ops::skinny::Bf16Weights>>> {
+            Ok(if on {
+                Some(std::sync::Arc::new(ops::skinny::Bf16Weights::from_tensor(
+                    w,
+                )?))
+            } else {
+                None
+            })
+        };
+        self.lm_head_decode = make(self.lm_head_weight())?;
+        let linears = match &mut self.body {
+            Body::Llama(m) => m.linears_mut(),
+            Body::Gpt2(m) => m.linears_mut(),
+        };
+        for l in linears {
+            l.decode = make(&l.weight)?;
+        }
+        Ok(on)
     }
 
     /// log π(targets[b, t] | hidden[b, t]) for hidden states [B, T, D] and targets [B, T] → [B, T].

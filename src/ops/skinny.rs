@@ -309,3 +309,221 @@ impl CustomOp2 for Skinny {
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Skinny)
 }
+
+/// A frozen bf16 copy of a weight matrix W [n, k] for decoding steps: half the bytes to stream per
+/// token, products in f32 (each bf16 weight widened exactly). For inference only — a copy is not
+/// updated by training and carries no gradient.
+pub struct Bf16Weights {
+    data: Vec<u16>,
+    n: usize,
+    k: usize,
+}
+
+impl Bf16Weights {
+    pub fn from_tensor(w: &Tensor) -> Result<Self> {
+        let (n, k) = w.dims2()?;
+        let v: Vec<f32> = w
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let mut data = vec![0u16; n * k];
+        data.par_chunks_mut(1 << 14)
+            .zip(v.par_chunks(1 << 14))
+            .for_each(|(d, s)| {
+                for (d, &x) in d.iter_mut().zip(s) {
+                    *d = super::bf16::to_bf16(x);
+                }
+            });
+        Ok(Bf16Weights { data, n, k })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+}
+
+thread_local! {
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, the calling thread's few-row matmuls may use bf16 decode copies (see
+/// `Linear::forward`). Only the sampler opens one: its passes are inference.
+pub struct DecodeScope(bool);
+
+impl DecodeScope {
+    pub fn open() -> DecodeScope {
+        DecodeScope(DECODING.with(|d| d.replace(true)))
+    }
+}
+
+impl Drop for DecodeScope {
+    fn drop(&mut self) {
+        DECODING.with(|d| d.set(self.0));
+    }
+}
+
+/// Whether the calling thread is inside a `DecodeScope`.
+pub fn decoding() -> bool {
+    DECODING.with(|d| d.get())
+}
+
+/// Widens 16 bf16 values at `p` to f32.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn widen16(p: *const u16) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let h = _mm256_loadu_si256(p as *const __m256i);
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+}
+
+/// Columns j0..j1 of out = x·wᵀ with w in bf16: 4 × 4 tiles of 16 lanes (AVX-512).
+///
+/// # Safety
+/// AVX-512 present; x is m × k, w n × k, out m × n.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_bf16_avx512(
+    x: &[f32],
+    w: &[u16],
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: SharedMut,
+) {
+    use std::arch::x86_64::*;
+    const L: usize = 16;
+    let (xp, wp) = (x.as_ptr(), w.as_ptr());
+    let whole = k / L * L;
+    let wf = |j: usize, o: usize| super::bf16::from_bf16(*wp.add(j * k + o));
+    let mut j = j0;
+    while j < j1 {
+        let a_n = 4.min(j1 - j);
+        let mut i = 0;
+        while i < m {
+            let b_n = 4.min(m - i);
+            let mut acc = [_mm512_setzero_ps(); 16];
+            let mut o = 0;
+            while o < whole {
+                let mut wv = [_mm512_setzero_ps(); 4];
+                for (a, v) in wv.iter_mut().enumerate().take(a_n) {
+                    *v = widen16(wp.add((j + a) * k + o));
+                }
+                for b in 0..b_n {
+                    let xv = _mm512_loadu_ps(xp.add((i + b) * k + o));
+                    for a in 0..a_n {
+                        acc[4 * a + b] = _mm512_fmadd_ps(wv[a], xv, acc[4 * a + b]);
+                    }
+                }
+                o += L;
+            }
+            for a in 0..a_n {
+                for b in 0..b_n {
+                    let mut s = _mm512_reduce_add_ps(acc[4 * a + b]);
+                    for o in whole..k {
+                        s += wf(j + a, o) * *xp.add((i + b) * k + o);
+                    }
+                    *out.at((i + b) * n + j + a) = s;
+                }
+            }
+            i += 4;
+        }
+        j += 4;
+    }
+}
+
+/// The portable version: the same products in plain loops.
+///
+/// # Safety
+/// x is m × k, w n × k, out m × n.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns_bf16(
+    x: &[f32],
+    w: &[u16],
+    m: usize,
+    k: usize,
+    n: usize,
+    j0: usize,
+    j1: usize,
+    out: SharedMut,
+) {
+    for j in j0..j1 {
+        let row = &w[j * k..(j + 1) * k];
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            let s: f32 = xr
+                .iter()
+                .zip(row)
+                .map(|(&a, &b)| a * super::bf16::from_bf16(b))
+                .sum();
+            *out.at(i * n + j) = s;
+        }
+    }
+}
+
+/// x [m, k] · wᵀ with bf16 weights, on the given path (AVX-512, else the portable loops).
+pub fn product_bf16_on(isa: Isa, x: &[f32], w: &Bf16Weights, m: usize) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    assert!(x.len() >= m * k, "bf16 decode matmul: operand sizes");
+    assert!(
+        Isa::available().contains(&isa),
+        "this CPU lacks {}",
+        isa.name()
+    );
+    let mut out = vec![0f32; m * n];
+    let ptr = SharedMut(out.as_mut_ptr());
+    (0..n.div_ceil(64)).into_par_iter().for_each(|blk| {
+        let (j0, j1) = (blk * 64, ((blk + 1) * 64).min(n));
+        // SAFETY: each block writes columns j0..j1 of out only; sizes as stated; the CPU has
+        // the path's instructions (checked above).
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => columns_bf16_avx512(x, &w.data, m, k, n, j0, j1, ptr),
+                _ => columns_bf16(x, &w.data, m, k, n, j0, j1, ptr),
+            }
+        }
+    });
+    out
+}
+
+struct SkinnyBf16<'a>(&'a Bf16Weights);
+
+impl candle_core::CustomOp1 for SkinnyBf16<'_> {
+    fn name(&self) -> &'static str {
+        "skinny-matmul-bf16-weights"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        if k != self.0.k {
+            candle_core::bail!(
+                "bf16 decode matmul: x {:?} vs w [{}, {}]",
+                l.shape(),
+                self.0.n,
+                self.0.k
+            )
+        }
+        let x = contiguous(s, l, self.name())?;
+        let isa = if bf16_decode_available() {
+            Isa::Avx512
+        } else {
+            Isa::Scalar
+        };
+        let out = product_bf16_on(isa, x, self.0, m);
+        Ok((CpuStorage::F32(out), Shape::from((m, self.0.n))))
+    }
+}
+
+/// Whether bf16 decode copies are faster than the f32 path here: they have an AVX-512 kernel;
+/// elsewhere the f32 kernels are the faster choice and the copies are not made.
+pub fn bf16_decode_available() -> bool {
+    path() == Isa::Avx512
+}
+
+/// x [m, k] · wᵀ with the bf16 copy of w (m ≤ `MAX_ROWS`; no gradient).
+pub fn matmul_t_bf16(x: &Tensor, w: &Bf16Weights) -> Result<Tensor> {
+    x.contiguous()?.detach().apply_op1_no_bwd(&SkinnyBf16(w))
+}
