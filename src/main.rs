@@ -51,10 +51,12 @@ enum Command {
     Plot(commands::eval::PlotArgs),
     /// Preference data from a judge: K samples per prompt, ranked (rankings + best/worst pairs).
     Preferences(commands::preferences::PreferencesArgs),
-    /// The whole pipeline with nothing downloaded: tiny model → SFT → RM → PPO and DPO → report (about 6 minutes on 2 cores).
+    /// The whole pipeline with nothing downloaded: tiny model → SFT → RM → PPO and DPO → report (5–11 minutes on 2 cores).
     Quickstart(commands::quickstart::QuickstartArgs),
     /// Convert a checkpoint (GGUF, HF dir, HF cache id) into an HF directory transformers loads.
     Convert(commands::convert::ConvertArgs),
+    /// Merge a PEFT LoRA adapter into its base model and write the merged HF directory.
+    Merge(commands::convert::MergeArgs),
     /// Benchmark workloads (for bench/run.sh)
     #[command(hide = true)]
     Bench(commands::bench::BenchArgs),
@@ -95,6 +97,7 @@ fn main() {
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Merge(a) => commands::convert::merge(a),
         Command::Sft(a) => commands::sft::run(a),
         Command::Rm(a) => commands::rm::run(a),
         Command::Score(a) => commands::score::run(a),

@@ -13,6 +13,7 @@ mod eval;
 mod fused_ops;
 mod generate;
 mod grad;
+mod lora;
 mod metrics;
 mod output_dir;
 mod parity;

@@ -411,3 +411,41 @@ fn nonfinite_updates_stop_or_are_skipped() {
         assert_eq!(a, b, "{name} changed");
     }
 }
+
+#[test]
+fn ppo_with_lora_uses_the_base_as_reference_and_saves_an_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 64);
+    let out = tmp.path().join("lora");
+    let o = ppo(
+        &out,
+        &prompts,
+        &[
+            "use_peft=true",
+            "lora_r=8",
+            "lora_alpha=16",
+            "learning_rate=2e-2",
+            "kl_coef=0.05",
+            "total_episodes=192",
+        ],
+    );
+    assert_ok(&o);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("reference: the policy's base (LoRA adapters off)"),
+        "{stderr}"
+    );
+    let kl = series(&out, "objective/kl");
+    let scores = series(&out, "objective/scores");
+    println!("LoRA PPO: KL {kl:?}\nscores {scores:?}");
+    // The adapter starts at zero: the policy equals its reference until the first update...
+    assert!(kl[0].abs() < 1e-4, "KL at the start {}", kl[0]);
+    // ...and the reference stays the base while the adapter trains (were it the adapted
+    // policy itself, KL would stay 0).
+    assert!(avg(&kl[kl.len() - 3..]) > 1e-3, "KL {kl:?}");
+    assert!(
+        avg(&scores[scores.len() - 3..]) > avg(&scores[..3]),
+        "scores {scores:?}"
+    );
+    assert!(out.join("adapter_config.json").exists() && !out.join("model.safetensors").exists());
+}

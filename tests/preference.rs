@@ -524,3 +524,77 @@ fn dpo_on_labelled_samples_moves_samples_toward_the_scorer() {
     assert!(s1 > s0 + 0.1, "samples did not move: {s0} → {s1}");
     assert!(kl.is_finite() && kl > 0.0 && kl < 20.0, "KL {kl}");
 }
+
+#[test]
+fn reward_model_and_dpo_train_with_lora_and_save_peft_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Lcg(11);
+    let train: Vec<Value> = (0..200).map(|_| ranking_record(&mut rng, 4)).collect();
+    let eval: Vec<Value> = (0..40).map(|_| ranking_record(&mut rng, 4)).collect();
+    let (tp, ep) = write_train_eval(tmp.path(), &train, &eval);
+    let lora = [
+        "use_peft=true",
+        "lora_r=8",
+        "lora_alpha=16",
+        "learning_rate=1e-2",
+    ];
+    // Reward model: adapter + score head (PEFT's SEQ_CLS layout), loadable as a reward model.
+    let out = tmp.path().join("rm");
+    let mut sets = vec!["max_steps=60", "eval_steps=60"];
+    sets.extend(lora);
+    assert_ok(&rm(&out, &tp, &ep, &sets));
+    let (acc0, acc) = metric_first_last(&out, "eval/accuracy");
+    println!("LoRA reward model: held-out accuracy {acc0:.3} → {acc:.3}");
+    assert!(acc > 0.8 && acc > acc0 + 0.1, "{acc0} → {acc}");
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], json!(["score"]));
+    assert!(cfg["rlhf_score_bias"].is_number());
+    let st = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    assert_eq!(
+        st.tensor("base_model.model.score.weight").unwrap().shape(),
+        &[1, 32]
+    );
+    let best: Vec<Value> = train
+        .iter()
+        .take(40)
+        .map(|r| {
+            let i = r["ranking"][0].as_u64().unwrap() as usize;
+            json!({"prompt": "review:", "completion": r["completions"][i]})
+        })
+        .collect();
+    let bp = tmp.path().join("best.jsonl");
+    write_jsonl(&bp, &best);
+    let sp = tmp.path().join("scores.jsonl");
+    let o = run_rlhf(&[
+        "score",
+        "--model",
+        out.to_str().unwrap(),
+        "--data",
+        bp.to_str().unwrap(),
+        "--output",
+        sp.to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    assert_eq!(read_jsonl(&sp).len(), best.len());
+
+    // DPO: the implicit reward accuracy rises; the saved adapter is the policy.
+    let pairs: Vec<Value> = (0..200).map(|_| pair_record(&mut rng)).collect();
+    let eval_pairs: Vec<Value> = (0..40).map(|_| pair_record(&mut rng)).collect();
+    let dir = tmp.path().join("pairs");
+    std::fs::create_dir(&dir).unwrap();
+    let (tp, ep) = write_train_eval(&dir, &pairs, &eval_pairs);
+    let out = tmp.path().join("dpo");
+    let mut sets = vec!["max_steps=40", "eval_steps=40"];
+    sets.extend(lora);
+    assert_ok(&dpo(&out, &tp, &ep, &tmp.path().join("cache"), &sets));
+    let (a0, a1) = metric_first_last(&out, "eval/rewards/accuracies");
+    println!("LoRA DPO: held-out implicit-reward accuracy {a0:.3} → {a1:.3}");
+    assert!(a1 > a0 + 0.1, "{a0} → {a1}");
+    assert!(
+        out.join("adapter_model.safetensors").exists() && !out.join("model.safetensors").exists()
+    );
+}

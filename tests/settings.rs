@@ -25,6 +25,7 @@ fn every_section_documents_exactly_its_fields() {
     check::<rlhf::commands::ppo::PpoRunConfig>();
     check::<rlhf::algos::ppo::PpoConfig>();
     check::<rlhf::eval::EvalConfig>();
+    check::<rlhf::model::lora::LoraConfig>();
 }
 
 fn help(command: &str) -> String {

@@ -302,6 +302,13 @@ impl ReferenceCache {
             let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             f.bytes(name.as_bytes()).ids(&dims).floats(&values);
         }
+        // A LoRA policy computes its reference log-probs with its adapters on.
+        for (name, a, b) in reference.adapter_tensors() {
+            for t in [a, b] {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                f.bytes(name.as_bytes()).floats(&values);
+            }
+        }
         Ok(ReferenceCache {
             dir: Some(PathBuf::from(dir)),
             weights: f.finish(),

@@ -9,6 +9,7 @@ use super::{start_training, TrainArgs};
 use crate::algos::dpo::{DpoLoss, DpoParams, DpoTask, ReferenceCache};
 use crate::checkpoint::{save_final, Checkpoint};
 use crate::data::preference::{prepare_train_eval, Comparison, PreferenceDataConfig};
+use crate::model::lora::LoraConfig;
 use crate::settings::{describe, help, KeyDoc, Section};
 use crate::train::fingerprint::resume_fingerprint;
 use crate::train::{train, TrainConfig};
@@ -66,6 +67,7 @@ pub fn help_text() -> String {
         help::<DpoRunConfig>(),
         help::<PreferenceDataConfig>(),
         help::<TrainConfig>(),
+        help::<LoraConfig>(),
     ])
 }
 
@@ -74,8 +76,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         DpoRunConfig::KEYS,
         PreferenceDataConfig::KEYS,
         TrainConfig::KEYS,
+        LoraConfig::KEYS,
     ])?;
     let run: DpoRunConfig = settings.section()?;
+    let lora: LoraConfig = settings.section()?;
     let mut data_cfg: PreferenceDataConfig = settings.section()?;
     let params = DpoParams {
         loss: run.loss_type,
@@ -99,7 +103,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         run.eval_split,
         train_cfg.seed,
     )?;
-    let ck = Checkpoint::load(&run.model, true)?;
+    let ck = super::load_trainable(&run.model, &lora, train_cfg.seed)?;
     data_cfg.fit_positions(ck.model.config.position_limit());
     let (train_set, eval_set) = prepare_train_eval(&records, ck.tokenizer()?, &data_cfg, true)?;
     let norm = params.loss.length_normalized();
@@ -143,6 +147,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             ]),
             serde_json::to_value(&data_cfg)?,
             train_cfg.resume_relevant(),
+            serde_json::to_value(&lora)?,
         ],
         train_set.iter().flat_map(Comparison::token_lists),
     );

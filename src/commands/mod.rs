@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
+use crate::model::lora::LoraConfig;
 use crate::settings::{KeyDoc, Settings};
 use crate::train::output_dir::{Existing, OutputDir};
 use crate::train::TrainConfig;
@@ -90,6 +91,16 @@ pub fn bf16_pays(requested: bool) -> bool {
         );
     }
     d.use_kernel
+}
+
+/// The model a training command trains: every weight, or with `use_peft` a LoRA adapter on the
+/// frozen base (a fresh one, or the adapter `spec` names, trained further).
+pub fn load_trainable(spec: &str, lora: &LoraConfig, seed: u64) -> Result<Checkpoint> {
+    if lora.use_peft {
+        Checkpoint::load_for_lora(spec, lora, seed)
+    } else {
+        Checkpoint::load(spec, true)
+    }
 }
 
 /// Loads a model for inference and says on stderr what was loaded.

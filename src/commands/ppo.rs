@@ -10,8 +10,9 @@ use crate::algos::ppo::{Ppo, PpoConfig};
 use crate::checkpoint::{save_final, Checkpoint};
 use crate::data::prompts::read_prompts;
 use crate::data::sft::read_pretraining_text;
+use crate::model::lora::LoraConfig;
 use crate::model::scalar_head::ScalarHead;
-use crate::rl::{self, Models, ValueModel};
+use crate::rl::{self, Models, Reference, ValueModel};
 use crate::settings::{describe, help, KeyDoc, Section};
 use crate::train::fingerprint::resume_fingerprint;
 use crate::train::TrainConfig;
@@ -66,6 +67,7 @@ pub fn help_text() -> String {
         help::<PpoRunConfig>(),
         help::<PpoConfig>(),
         help::<TrainConfig>(),
+        help::<LoraConfig>(),
     ]) + "\nIn rlhf ppo a step is one iteration (a rollout batch and its updates): max_steps,\n\
           logging_steps and save_steps count iterations; eval_steps is refused (use rlhf eval).\n"
 }
@@ -76,13 +78,17 @@ pub fn help_text() -> String {
 fn load_reference_and_value(
     run: &PpoRunConfig,
     train: &TrainConfig,
-) -> Result<(Checkpoint, Checkpoint, ScalarHead, String)> {
-    let ref_spec = if run.ref_model.is_empty() {
-        &run.model
+    lora: &LoraConfig,
+    policy: &Checkpoint,
+) -> Result<(Option<Checkpoint>, Checkpoint, ScalarHead, String)> {
+    let reference = if run.ref_model.is_empty() && policy.fresh_adapters {
+        eprintln!("reference: the policy's base (LoRA adapters off)");
+        None
+    } else if run.ref_model.is_empty() {
+        Some(Checkpoint::load(&run.model, false)?)
     } else {
-        &run.ref_model
+        Some(Checkpoint::load(&run.ref_model, false)?)
     };
-    let reference = Checkpoint::load(ref_spec, false)?;
     let value_source = match (
         run.value_model.is_empty(),
         crate::reward::is_builtin(&run.reward),
@@ -91,7 +97,14 @@ fn load_reference_and_value(
         (true, false) => run.reward.clone(),
         (true, true) => run.model.clone(),
     };
-    let mut value = Checkpoint::load(&value_source, true)?;
+    let mut value = if lora.use_peft {
+        // Its own frozen copy of the body with a fresh adapter: no gradients or moments for it.
+        let mut v = Checkpoint::load(&value_source, false)?;
+        v.model.add_lora(lora, train.seed ^ 0x7661_6c75)?;
+        v
+    } else {
+        Checkpoint::load(&value_source, true)?
+    };
     value.model.drop_lm_head();
     let mut head = ScalarHead::from_model(&mut value.model, train.seed)?;
     head.bias = 0.0;
@@ -100,7 +113,13 @@ fn load_reference_and_value(
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let settings = args.settings(&[PpoRunConfig::KEYS, PpoConfig::KEYS, TrainConfig::KEYS])?;
+    let settings = args.settings(&[
+        PpoRunConfig::KEYS,
+        PpoConfig::KEYS,
+        TrainConfig::KEYS,
+        LoraConfig::KEYS,
+    ])?;
+    let lora: LoraConfig = settings.section()?;
     let origin = settings.origin().to_string();
     let run: PpoRunConfig = settings.section()?;
     let ppo: PpoConfig = settings.section()?;
@@ -121,7 +140,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         bail!("{origin}: eval_steps: rlhf ppo has no held-out evaluation during training; evaluate the saved policy with rlhf eval");
     }
 
-    let policy = Checkpoint::load(&run.model, true)?;
+    let policy = super::load_trainable(&run.model, &lora, train_cfg.seed)?;
     let tok = policy.tokenizer()?;
     let (prompts, cut) = read_prompts(&run.prompt_file, tok, run.chat, run.max_prompt_length)?;
     let mc = &policy.model.config;
@@ -146,8 +165,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut reward =
         crate::reward::from_spec(&run.reward, tok, train_cfg.per_device_eval_batch_size)?;
     eprintln!("reward: {}", reward.describe());
-    let (reference, value, value_head, value_source) = load_reference_and_value(&run, &train_cfg)?;
-    if reference.model.config.vocab_size != mc.vocab_size {
+    let (reference, value, value_head, value_source) =
+        load_reference_and_value(&run, &train_cfg, &lora, &policy)?;
+    if reference
+        .as_ref()
+        .is_some_and(|r| r.model.config.vocab_size != mc.vocab_size)
+    {
         bail!(
             "{}: the reference model's vocabulary differs from the policy's",
             run.ref_model
@@ -168,13 +191,18 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             ]),
             serde_json::to_value(&ppo)?,
             train_cfg.resume_relevant(),
+            serde_json::to_value(&lora)?,
         ],
         prompts.iter().map(|p| p.ids.as_slice()),
     );
     let loop_cfg = ppo.loop_config(&train_cfg, prompts.len(), policy.stop_token_ids(), &ptx)?;
     let models = Models {
         policy: &policy.model,
-        reference: Some(&reference.model),
+        reference: Some(
+            reference
+                .as_ref()
+                .map_or(Reference::PolicyBase, |r| Reference::Model(&r.model)),
+        ),
         value: Some(ValueModel {
             body: &value.model,
             head: &value_head,

@@ -7,11 +7,12 @@ use serde_json::json;
 
 use super::{start_training, TrainArgs};
 use crate::algos::rm::{mean_raw_score, RankingBatching, RmTask};
-use crate::checkpoint::{save_reward_model, Checkpoint};
+use crate::checkpoint::save_reward_model;
 use crate::data::preference::{
     expand_to_pairs, prepare_train_eval, read_reference_completions, Comparison,
     PreferenceDataConfig,
 };
+use crate::model::lora::LoraConfig;
 use crate::model::scalar_head::ScalarHead;
 use crate::settings::{describe, help, KeyDoc, Section};
 use crate::train::fingerprint::resume_fingerprint;
@@ -61,6 +62,7 @@ pub fn help_text() -> String {
         help::<RmRunConfig>(),
         help::<PreferenceDataConfig>(),
         help::<TrainConfig>(),
+        help::<LoraConfig>(),
     ])
 }
 
@@ -69,8 +71,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         RmRunConfig::KEYS,
         PreferenceDataConfig::KEYS,
         TrainConfig::KEYS,
+        LoraConfig::KEYS,
     ])?;
     let run: RmRunConfig = settings.section()?;
+    let lora: LoraConfig = settings.section()?;
     let mut data_cfg: PreferenceDataConfig = settings.section()?;
     let inputs = [
         &run.model,
@@ -85,7 +89,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         run.eval_split,
         train_cfg.seed,
     )?;
-    let mut ck = Checkpoint::load(&run.model, true)?;
+    let mut ck = super::load_trainable(&run.model, &lora, train_cfg.seed)?;
     let tok = ck.tokenizer()?;
     data_cfg.fit_positions(ck.model.config.position_limit());
     // A reward model reads its score at the last token of the text itself: no EOS is appended.
@@ -107,6 +111,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             json!(["rm", run.model, run.ranking_batching]),
             serde_json::to_value(&data_cfg)?,
             train_cfg.resume_relevant(),
+            serde_json::to_value(&lora)?,
         ],
         train_set.iter().flat_map(Comparison::token_lists),
     );

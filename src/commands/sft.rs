@@ -6,8 +6,9 @@ use serde_json::json;
 
 use super::{start_training, TrainArgs};
 use crate::algos::sft::SftTask;
-use crate::checkpoint::{save_final, Checkpoint};
+use crate::checkpoint::save_final;
 use crate::data::sft::{prepare_train_eval, SftDataConfig};
+use crate::model::lora::LoraConfig;
 use crate::settings::{describe, help, KeyDoc, Section};
 use crate::train::fingerprint::Fingerprint;
 use crate::train::{train, TrainConfig};
@@ -39,12 +40,19 @@ pub fn help_text() -> String {
         help::<SftRunConfig>(),
         help::<SftDataConfig>(),
         help::<TrainConfig>(),
+        help::<LoraConfig>(),
     ])
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let settings = args.settings(&[SftRunConfig::KEYS, SftDataConfig::KEYS, TrainConfig::KEYS])?;
+    let settings = args.settings(&[
+        SftRunConfig::KEYS,
+        SftDataConfig::KEYS,
+        TrainConfig::KEYS,
+        LoraConfig::KEYS,
+    ])?;
     let run: SftRunConfig = settings.section()?;
+    let lora: LoraConfig = settings.section()?;
     let mut data_cfg: SftDataConfig = settings.section()?;
     let (train_cfg, out) = start_training(
         args,
@@ -58,7 +66,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         run.eval_split,
         train_cfg.seed,
     )?;
-    let ck = Checkpoint::load(&run.model, true)?;
+    let ck = super::load_trainable(&run.model, &lora, train_cfg.seed)?;
     let fitted = ck.model.config.fit_length(data_cfg.max_length);
     if fitted < data_cfg.max_length {
         eprintln!(
@@ -72,7 +80,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut fp = Fingerprint::new("resume");
     fp.json(&json!(["sft", run.model]))
         .json(&serde_json::to_value(&data_cfg)?)
-        .json(&train_cfg.resume_relevant());
+        .json(&train_cfg.resume_relevant())
+        .json(&serde_json::to_value(&lora)?);
     for e in &data.train {
         fp.ids(&e.ids).bytes(&e.targets).ids(&e.segments);
     }

@@ -6,7 +6,7 @@ use anyhow::Result;
 use candle_core::{Tensor, D};
 
 use super::hparams::ModelConfig;
-use super::linear::Linear;
+use super::linear::{Linear, Pass};
 use super::weights::WeightMap;
 use super::{KvCache, ParamCollector, StepInputs};
 
@@ -33,7 +33,7 @@ pub struct Gpt2 {
 }
 
 /// Conv1D weights whose layout differs from torch.nn.Linear.
-fn is_conv1d(name: &str) -> bool {
+pub(crate) fn is_conv1d(name: &str) -> bool {
     name.ends_with("attn.c_attn.weight")
         || name.ends_with("attn.c_proj.weight")
         || name.ends_with("mlp.c_fc.weight")
@@ -78,6 +78,7 @@ impl Gpt2 {
             let ln_2 = norm("ln_2")?;
             let mut linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
                 Ok(Linear::new(
+                    format!("transformer.{p}.{name}"),
                     get(&format!("{p}.{name}.weight"), &[out, inp])?,
                     Some(get(&format!("{p}.{name}.bias"), &[out])?),
                 ))
@@ -120,6 +121,7 @@ impl Gpt2 {
         &self,
         cfg: &ModelConfig,
         inp: &StepInputs,
+        pass: &Pass,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = inp.ids.dims2()?;
@@ -140,7 +142,7 @@ impl Gpt2 {
         let path = inp.path;
         for (i, blk) in self.blocks.iter().enumerate() {
             let hn = path.layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
-            let qkv = blk.c_attn.forward(&hn, path)?;
+            let qkv = blk.c_attn.forward(&hn, pass)?;
             let split = |j: usize| -> candle_core::Result<Tensor> {
                 qkv.narrow(D::Minus1, j * d, d)?
                     .reshape((b, t, h, hd))?
@@ -156,19 +158,26 @@ impl Gpt2 {
                 scale /= (i + 1) as f64;
             }
             let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
-            x = (x + blk.c_proj.forward(&a, path)?)?;
+            x = (x + blk.c_proj.forward(&a, pass)?)?;
             let hn = path.layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
-            let m = path.activation(&blk.c_fc.forward(&hn, path)?, cfg.activation)?;
-            x = (x + blk.mlp_proj.forward(&m, path)?)?;
+            let m = path.activation(&blk.c_fc.forward(&hn, pass)?, cfg.activation)?;
+            x = (x + blk.mlp_proj.forward(&m, pass)?)?;
         }
         path.layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, cfg.norm_eps)
     }
 
-    /// Every projection, for building or dropping their decode copies.
+    /// Every projection, for adapters and decode copies.
     pub(super) fn linears_mut(&mut self) -> Vec<&mut Linear> {
         self.blocks
             .iter_mut()
             .flat_map(|b| [&mut b.c_attn, &mut b.c_proj, &mut b.c_fc, &mut b.mlp_proj])
+            .collect()
+    }
+
+    pub(super) fn linears(&self) -> Vec<&Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| [&b.c_attn, &b.c_proj, &b.c_fc, &b.mlp_proj])
             .collect()
     }
 

@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::Tensor;
 
 use super::hparams::ModelConfig;
-use super::linear::Linear;
+use super::linear::{Linear, Pass};
 use super::weights::WeightMap;
 use super::{KvCache, ParamCollector, StepInputs};
 use crate::ops;
@@ -62,6 +62,7 @@ impl Llama {
             let p = format!("layers.{i}");
             let mut linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 Ok(Linear::new(
+                    format!("model.{p}.{name}"),
                     get(&format!("{p}.{name}.weight"), &[out, inp])?,
                     if bias {
                         Some(get(&format!("{p}.{name}.bias"), &[out])?)
@@ -110,6 +111,7 @@ impl Llama {
         &self,
         cfg: &ModelConfig,
         inp: &StepInputs,
+        pass: &Pass,
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = inp.ids.dims2()?;
@@ -123,7 +125,7 @@ impl Llama {
         let path = inp.path;
         for (i, blk) in self.blocks.iter().enumerate() {
             let hn = path.rms_norm(&x, &blk.attn_norm, cfg.norm_eps)?;
-            let heads = |l: &Linear, n: usize| l.forward(&hn, path)?.reshape((b, t, n, hd));
+            let heads = |l: &Linear, n: usize| l.forward(&hn, pass)?.reshape((b, t, n, hd));
             let q = path.rope(&heads(&blk.attn.q, h)?, &cos, &sin)?;
             let k = path.rope(&heads(&blk.attn.k, kv)?, &cos, &sin)?;
             let v = heads(&blk.attn.v, kv)?.transpose(1, 2)?;
@@ -132,19 +134,19 @@ impl Llama {
                 None => (k, v),
             };
             let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
-            x = (x + blk.attn.o.forward(&a, path)?)?;
+            x = (x + blk.attn.o.forward(&a, pass)?)?;
             let hn = path.rms_norm(&x, &blk.mlp_norm, cfg.norm_eps)?;
-            let gate = blk.mlp.gate.forward(&hn, path)?;
-            let up = blk.mlp.up.forward(&hn, path)?;
+            let gate = blk.mlp.gate.forward(&hn, pass)?;
+            let up = blk.mlp.up.forward(&hn, pass)?;
             x = (x + blk
                 .mlp
                 .down
-                .forward(&path.gated(&gate, &up, cfg.activation)?, path)?)?;
+                .forward(&path.gated(&gate, &up, cfg.activation)?, pass)?)?;
         }
         path.rms_norm(&x, &self.norm, cfg.norm_eps)
     }
 
-    /// Every projection, for building or dropping their decode copies.
+    /// Every projection, for adapters and decode copies.
     pub(super) fn linears_mut(&mut self) -> Vec<&mut Linear> {
         self.blocks
             .iter_mut()
@@ -163,6 +165,16 @@ impl Llama {
             .collect()
     }
 
+    pub(super) fn linears(&self) -> Vec<&Linear> {
+        self.blocks
+            .iter()
+            .flat_map(|b| {
+                let (a, m) = (&b.attn, &b.mlp);
+                [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down]
+            })
+            .collect()
+    }
+
     /// The unembedding matrix [V, D].
     pub fn lm_head_weight(&self) -> &Tensor {
         self.lm_head.as_ref().unwrap_or(&self.embed)
@@ -174,6 +186,7 @@ impl Llama {
         for (i, blk) in self.blocks.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, l: &Linear| {
+                debug_assert!(l.name.ends_with(name));
                 out.push((format!("{p}.{name}.weight"), l.weight.clone()));
                 if let Some(b) = &l.bias {
                     out.push((format!("{p}.{name}.bias"), b.clone()));

@@ -6,6 +6,8 @@ pub mod hparams;
 pub mod init;
 pub mod linear;
 pub mod llama;
+pub mod lora;
+pub mod peft;
 pub mod scalar_head;
 pub mod weights;
 
@@ -173,6 +175,10 @@ pub struct CausalLm {
     pub score_head: Option<Tensor>,
     /// The bf16 decode copy of the unembedding (with the projections' own copies).
     lm_head_decode: Option<std::sync::Arc<ops::skinny::Bf16Weights>>,
+    /// Whether LoRA adapters apply, and their training dropout.
+    adapters: lora::AdapterSwitch,
+    /// (r, α, dropout, rsLoRA) of the adapters, when there are any.
+    adapter_hparams: Option<(usize, f64, f64, bool)>,
 }
 
 impl CausalLm {
@@ -198,7 +204,158 @@ impl CausalLm {
             unused_tensors: weights.leftover(),
             score_head,
             lm_head_decode: None,
+            adapters: lora::AdapterSwitch::default(),
+            adapter_hparams: None,
         })
+    }
+
+    fn linears(&self) -> Vec<&linear::Linear> {
+        match &self.body {
+            Body::Llama(m) => m.linears(),
+            Body::Gpt2(m) => m.linears(),
+        }
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut linear::Linear> {
+        match &mut self.body {
+            Body::Llama(m) => m.linears_mut(),
+            Body::Gpt2(m) => m.linears_mut(),
+        }
+    }
+
+    /// Puts a fresh LoRA adapter (B = 0: the model's outputs do not change) on every projection
+    /// that `cfg` targets; its A and B become the model's only trainable parameters, under
+    /// PEFT's names. The model must have been loaded frozen. Returns the number of adapters.
+    pub fn add_lora(&mut self, cfg: &lora::LoraConfig, seed: u64) -> Result<usize> {
+        cfg.validate()?;
+        if !self.params.is_empty() {
+            bail!("add_lora: the base model must be loaded frozen (not trainable)");
+        }
+        let mut rng = lora::SplitMix::new(seed ^ 0x4c6f_5241);
+        let mut made = vec![];
+        for l in self.linears_mut() {
+            if cfg.lora_target_modules.matches(&l.name) {
+                let (inp, out) = l.features()?;
+                l.lora = Some(lora::LoraAdapter::fresh(inp, out, cfg, &mut rng)?);
+                made.push(l.name.clone());
+            }
+        }
+        if let Some(names) = cfg.lora_target_modules.names() {
+            for n in names {
+                if !made
+                    .iter()
+                    .any(|m| m == &n || m.ends_with(&format!(".{n}")))
+                {
+                    let example = self
+                        .linears()
+                        .first()
+                        .map_or(String::new(), |l| l.name.clone());
+                    bail!(
+                        "lora_target_modules: `{n}` matches no projection of this {} model (they are named like `{example}`)",
+                        self.config.model_type
+                    );
+                }
+            }
+        }
+        self.adapter_hparams = Some((cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora));
+        self.make_adapters_trainable()?;
+        Ok(made.len())
+    }
+
+    /// Puts a saved adapter on the model without merging it (PEFT's `PeftModel.from_pretrained`);
+    /// with `trainable`, its A and B become the model's trainable parameters.
+    pub fn attach_adapter(&mut self, adapter: &peft::Adapter, trainable: bool) -> Result<()> {
+        let mut left: std::collections::BTreeSet<&String> = adapter.modules.keys().collect();
+        for l in self.linears_mut() {
+            if let Some(a) = adapter.modules.get(&l.name) {
+                let (inp, out) = l.features()?;
+                if a.a.dims() != [a.a.dim(0)?, inp] || a.b.dims() != [out, a.b.dim(1)?] {
+                    bail!(
+                        "{}: `{}` adapter shapes {:?} / {:?} do not fit the base's [{out}, {inp}] projection",
+                        adapter.dir.display(), l.name, a.a.dims(), a.b.dims()
+                    );
+                }
+                l.lora = Some(a.clone());
+                left.remove(&l.name);
+            }
+        }
+        if let Some(m) = left.first() {
+            bail!(
+                "{}: adapts `{m}`, which this model does not have",
+                adapter.dir.display()
+            );
+        }
+        let c = &adapter.config;
+        self.adapter_hparams = Some((c.r, c.lora_alpha, c.lora_dropout, c.use_rslora));
+        if trainable {
+            self.make_adapters_trainable()?;
+        }
+        Ok(())
+    }
+
+    fn make_adapters_trainable(&mut self) -> Result<()> {
+        let mut params = vec![];
+        for l in self.linears_mut() {
+            let name = l.name.clone();
+            if let Some(a) = l.lora.as_mut() {
+                let (va, vb) = a.make_trainable()?;
+                params.push((format!("base_model.model.{name}.lora_A.weight"), va));
+                params.push((format!("base_model.model.{name}.lora_B.weight"), vb));
+            }
+        }
+        self.params = params;
+        Ok(())
+    }
+
+    /// (r, α, dropout, rsLoRA) of the adapters; panics without adapters.
+    pub fn adapter_hparams(&self) -> (usize, f64, f64, bool) {
+        self.adapter_hparams.expect("a model with adapters")
+    }
+
+    /// Whether any projection carries a LoRA adapter.
+    pub fn has_adapters(&self) -> bool {
+        self.linears().iter().any(|l| l.lora.is_some())
+    }
+
+    /// (module name, A, B) of every adapter, for saving.
+    pub fn adapter_tensors(&self) -> Vec<(String, Tensor, Tensor)> {
+        self.linears()
+            .into_iter()
+            .filter_map(|l| {
+                Some((
+                    l.name.clone(),
+                    l.lora.as_ref()?.a.clone(),
+                    l.lora.as_ref()?.b.clone(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Runs `f` with the adapters off: the LoRA run's base model, e.g. as its reference.
+    pub fn without_adapters<R>(&self, f: impl FnOnce(&CausalLm) -> R) -> R {
+        struct On<'a>(&'a lora::AdapterSwitch);
+        impl Drop for On<'_> {
+            fn drop(&mut self) {
+                self.0.set_enabled(true);
+            }
+        }
+        self.adapters.set_enabled(false);
+        let _on = On(&self.adapters);
+        f(self)
+    }
+
+    /// Runs `f` (a training forward pass) with the adapters' dropout on, its masks drawn from
+    /// `seed`: callers derive it from their position in the run, so a resumed run draws the same.
+    pub fn with_adapter_dropout<R>(&self, seed: u64, f: impl FnOnce() -> R) -> R {
+        struct Off<'a>(&'a lora::AdapterSwitch);
+        impl Drop for Off<'_> {
+            fn drop(&mut self) {
+                self.0.set_dropout_seed(None);
+            }
+        }
+        self.adapters.set_dropout_seed(Some(seed));
+        let _off = Off(&self.adapters);
+        f()
     }
 
     /// Drops an untied LM head (and its parameter): a reward or value model never uses it.
@@ -216,9 +373,14 @@ impl CausalLm {
         inp: &StepInputs,
         cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
+        let pass = linear::Pass {
+            path: inp.path,
+            adapters: self.adapters.enabled(),
+            dropout: self.adapters.dropout(),
+        };
         match &self.body {
-            Body::Llama(m) => m.forward_hidden(&self.config, inp, cache),
-            Body::Gpt2(m) => m.forward_hidden(&self.config, inp, cache),
+            Body::Llama(m) => m.forward_hidden(&self.config, inp, &pass, cache),
+            Body::Gpt2(m) => m.forward_hidden(&self.config, inp, &pass, cache),
         }
     }
 
@@ -264,11 +426,7 @@ impl CausalLm {
             })
         };
         self.lm_head_decode = make(self.lm_head_weight())?;
-        let linears = match &mut self.body {
-            Body::Llama(m) => m.linears_mut(),
-            Body::Gpt2(m) => m.linears_mut(),
-        };
-        for l in linears {
+        for l in self.linears_mut() {
             l.decode = make(&l.weight)?;
         }
         Ok(on)

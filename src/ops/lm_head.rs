@@ -121,7 +121,9 @@ impl CustomOp3 for LmHeadLogprobs {
         let grad = grad.contiguous()?.to_vec1::<f32>()?;
         let targets = t.to_vec1::<u32>()?;
         let mut dh = vec![0f32; n * d];
-        let mut dw = vec![0f32; vocab * d];
+        // A frozen unembedding (LoRA's base, a reward model) takes no gradient: skip its GEMM.
+        let need_dw = w.track_op();
+        let mut dw = vec![0f32; if need_dw { vocab * d } else { 0 }];
         {
             let (hs, hl) = h.storage_and_layout();
             let (ws, wl) = w.storage_and_layout();
@@ -168,6 +170,9 @@ impl CustomOp3 for LmHeadLogprobs {
                         false,
                         par,
                     );
+                    if !need_dw {
+                        continue;
+                    }
                     // dw[V, d] += dlᵀ[V, rows] · h[rows, d]
                     gemm::gemm(
                         vocab,
@@ -196,7 +201,9 @@ impl CustomOp3 for LmHeadLogprobs {
         let dev = h.device();
         Ok((
             Some(Tensor::from_vec(dh, (n, d), dev)?),
-            Some(Tensor::from_vec(dw, (vocab, d), dev)?),
+            need_dw
+                .then(|| Tensor::from_vec(dw, (vocab, d), dev))
+                .transpose()?,
             None,
         ))
     }

@@ -10,6 +10,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16;
 pub mod cpu;
+pub mod frozen;
 mod kernel;
 pub mod lm_head;
 pub mod norm;

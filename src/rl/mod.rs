@@ -31,7 +31,7 @@ use crate::text::Tokenizer;
 use crate::train::lm_loss::target_nll_sum;
 use crate::train::metrics::{format_line, MetricsLogger, Window};
 use crate::train::state::{load_extra_tensors, save_checkpoint, TrainerState};
-use crate::train::trainer::{log, progress_bar, start_state, step_examples};
+use crate::train::trainer::{log, mix_seed, progress_bar, start_state, step_examples};
 use crate::train::{Optimizer, StepOutcome, TrainConfig};
 pub use rollout::{Collect, Rollout, ValueModel};
 
@@ -110,11 +110,19 @@ impl LoopConfig<'_> {
     }
 }
 
+/// The frozen reference of a run: a model of its own, or the LoRA policy's base — the policy with
+/// its adapters off, so no second copy is held.
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    Model(&'a CausalLm),
+    PolicyBase,
+}
+
 /// The models of the loop: the policy trains, the value model (if any) trains with it, the
 /// reference stays frozen.
 pub struct Models<'a> {
     pub policy: &'a CausalLm,
-    pub reference: Option<&'a CausalLm>,
+    pub reference: Option<Reference<'a>>,
     pub value: Option<ValueModel<'a>>,
 }
 
@@ -319,8 +327,18 @@ impl<'a> Looping<'a> {
             for (mb_index, minibatch) in order.chunks(cfg.minibatch).enumerate() {
                 let tokens: usize = minibatch.iter().map(|&n| rollout.response_len(n)).sum();
                 let mut update_stats: Vec<(String, f64)> = Vec::new();
-                for part in minibatch.chunks(cfg.micro_batch) {
-                    let batch = micro_batch(self.models, rollout, adv, part, tokens)?;
+                for (k, part) in minibatch.chunks(cfg.micro_batch).enumerate() {
+                    let seed = mix_seed(self.train.seed, position, k as u64);
+                    let models = self.models;
+                    let batch =
+                        models
+                            .policy
+                            .with_adapter_dropout(seed, || match &models.value {
+                                Some(v) => v.body.with_adapter_dropout(seed ^ 1, || {
+                                    micro_batch(models, rollout, adv, part, tokens)
+                                }),
+                                None => micro_batch(models, rollout, adv, part, tokens),
+                            })?;
                     if epoch == 0 && mb_index == 0 {
                         // The sampler's log-probs are the old policy's: before any update the
                         // ratio is 1 up to float noise.

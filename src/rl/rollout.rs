@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::time::Instant;
 
+use super::Reference;
 use crate::data::prompts::Prompt;
 use crate::generate::{generate, Sample, SamplingConfig};
 use crate::model::scalar_head::ScalarHead;
@@ -63,7 +64,7 @@ pub struct Rollout {
 
 /// What `collect` needs besides the policy and the prompts.
 pub struct Collect<'a> {
-    pub reference: Option<&'a CausalLm>,
+    pub reference: Option<Reference<'a>>,
     pub value: Option<ValueModel<'a>>,
     pub reward: &'a mut dyn RewardSource,
     pub tokenizer: &'a Tokenizer,
@@ -147,8 +148,14 @@ pub fn collect(
         .reference
         .map(|r| {
             rollout.no_grad_pass(with.chunk, |s, st| {
-                r.completion_logprobs(s, st, ops::default_path())
-                    .map(|o| o.0)
+                let logprobs = |m: &CausalLm| {
+                    m.completion_logprobs(s, st, ops::default_path())
+                        .map(|o| o.0)
+                };
+                match r {
+                    Reference::Model(m) => logprobs(m),
+                    Reference::PolicyBase => policy.without_adapters(logprobs),
+                }
             })
         })
         .transpose()?;

@@ -118,6 +118,14 @@ pub fn start_state(
     Ok((loaded, Some(ck)))
 }
 
+/// A seed for the random draws of one micro-batch (LoRA dropout) from its place in the run.
+pub fn mix_seed(seed: u64, step: u64, micro: u64) -> u64 {
+    let mut z =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 29)
+}
+
 /// The progress bar of a run of `total` `unit`s, starting at `position`.
 pub fn progress_bar(total: u64, unit: &str, position: u64) -> ProgressBar {
     let pb = ProgressBar::new(total);
@@ -174,8 +182,10 @@ pub fn train(
         // 1. Gradients of the step's micro-batches.
         let examples = step_examples(n, per_step, cfg.seed, step);
         let mut step_metrics: Vec<(String, f64)> = Vec::new();
-        for micro in examples.chunks(cfg.per_device_train_batch_size) {
-            let mb = task.micro_batch(model, micro, &examples)?;
+        for (k, micro) in examples.chunks(cfg.per_device_train_batch_size).enumerate() {
+            let dropout_seed = mix_seed(cfg.seed, step, k as u64);
+            let mb = model
+                .with_adapter_dropout(dropout_seed, || task.micro_batch(model, micro, &examples))?;
             optimizer.accumulate(&mb.loss)?;
             if optimizer.step_is_lost() {
                 break;
