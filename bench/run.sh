@@ -6,6 +6,12 @@
 #   train-gpt2        one training step, GPT-2 small, batch 4 x 256
 #   generate-smollm2  sampling, SmolLM2-135M, 16 prompts of 32 tokens (on average) x 64 new tokens
 #   dpo-smollm2       one DPO step, SmolLM2-135M, 4 chosen + 4 rejected sequences of 256 tokens
+#   train-smollm2-ckpt  train-smollm2 with gradient checkpointing on both sides
+#   dpo-qwen05b-lora / dpo-qwen15b-lora  a LoRA DPO step (r 16 on all linear layers, PEFT on the
+#                     PyTorch side), Qwen2.5-0.5B / -1.5B shapes, 4 + 4 x 512 tokens, gradient
+#                     checkpointing on both sides (not in the default list: ~10 and ~25 minutes)
+#                     (their GFLOP/s use the same 6 x N formula: with LoRA and recomputation a step
+#                     is forward + recomputed forward + input-gradient backward, also ~6 x N)
 #   *-bf16            the train and DPO workloads with bf16 mixed precision on both sides: rlhf's
 #                     `bf16 = true` (bf16 matmuls where this CPU's measurement says they pay, else
 #                     f32: the table's header says which) against PyTorch's bf16 autocast
@@ -67,6 +73,8 @@ path, elapsed, busy_warnings, other_max = sys.argv[1], int(sys.argv[2]), int(sys
 ARCH = {  # layers, d, V, matmul weights per layer
     "smollm2": dict(L=30, d=576, V=49152, per_layer=576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536),
     "gpt2": dict(L=12, d=768, V=50257, per_layer=4 * 768 * 768 + 2 * 768 * 3072),
+    "qwen2.5-0.5b": dict(L=24, d=896, V=151936, per_layer=2 * 896 * 896 + 2 * 896 * 128 + 3 * 896 * 4864),
+    "qwen2.5-1.5b": dict(L=28, d=1536, V=151936, per_layer=2 * 1536 * 1536 + 2 * 1536 * 256 + 3 * 1536 * 8960),
 }
 
 def flops(r):
@@ -200,8 +208,11 @@ workload_args() {
     train-gpt2)       echo "--workload train --arch gpt2 --batch 4 --seq 256" ;;
     generate-smollm2) echo "--workload generate --arch smollm2 --batch 16 --seq 32 --new-tokens 64" ;;
     dpo-smollm2)      echo "--workload dpo --arch smollm2 --batch 4 --seq 256" ;;
+    train-smollm2-ckpt) echo "--workload train --arch smollm2 --batch 8 --seq 256 --gradient-checkpointing" ;;
+    dpo-qwen05b-lora) echo "--workload dpo --arch qwen2.5-0.5b --batch 4 --seq 512 --lora-r 16 --gradient-checkpointing" ;;
+    dpo-qwen15b-lora) echo "--workload dpo --arch qwen2.5-1.5b --batch 4 --seq 512 --lora-r 16 --gradient-checkpointing" ;;
     *-bf16)           echo "$(workload_args "${1%-bf16}") --bf16" ;;
-    *) echo "unknown workload '$1' (known: train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2, the train/dpo ones with -bf16)" >&2; exit 2 ;;
+    *) echo "unknown workload '$1' (known: train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2, the train/dpo ones with -bf16; train-smollm2-ckpt dpo-qwen05b-lora dpo-qwen15b-lora)" >&2; exit 2 ;;
   esac
 }
 
@@ -238,7 +249,7 @@ run_side() {
 for wl in $WORKLOADS; do
   workload_args "$wl" > /dev/null
   var="REPEATS_${wl//-/_}"
-  case "$wl" in train-smollm2*|dpo-smollm2*) default_reps=1 ;; *) default_reps=2 ;; esac
+  case "$wl" in train-smollm2*|dpo-smollm2*|dpo-qwen*) default_reps=1 ;; *) default_reps=2 ;; esac
   reps="${!var:-${REPEATS:-$default_reps}}"
   for pair in $(seq "$PAIRS"); do
     log "$wl: pair $pair/$PAIRS (warm-up $WARMUP + $reps timed runs per process)"

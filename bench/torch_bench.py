@@ -15,6 +15,9 @@ Dropout is off (GPT-2's default 0.1 would add work that rlhf does not do).
 --bf16 runs the forward (and so the backward) of train and dpo under torch.autocast("cpu",
 torch.bfloat16): what a PyTorch user turns on for mixed precision on CPU. Weights, gradients and
 AdamW stay f32.
+--lora-r R wraps the model in a PEFT LoRA (r = R, alpha = 2R, dropout 0, target_modules
+"all-linear"), as `rlhf bench --lora-r R` does; --gradient-checkpointing turns on transformers'
+gradient checkpointing (non-reentrant), as `rlhf bench --gradient-checkpointing` does.
 """
 import contextlib
 import argparse
@@ -61,6 +64,37 @@ def smollm2_135m():
         attn_implementation="sdpa",
     )
     return LlamaForCausalLM(cfg)
+
+
+def qwen25(hidden, inter, layers, heads):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=151936,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151643,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+ARCHS = {
+    "smollm2": lambda: smollm2_135m(),
+    "gpt2": lambda: gpt2_small(),
+    "qwen2.5-0.5b": lambda: qwen25(896, 4864, 24, 14),
+    "qwen2.5-1.5b": lambda: qwen25(1536, 8960, 28, 12),
+}
 
 
 def gpt2_small():
@@ -191,7 +225,7 @@ def generate_once(model, gen, vocab, batch, seq, new_tokens):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["train", "generate", "dpo"], required=True)
-    ap.add_argument("--arch", choices=["smollm2", "gpt2"], required=True)
+    ap.add_argument("--arch", choices=list(ARCHS), required=True)
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -199,12 +233,25 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for train and dpo")
+    ap.add_argument("--lora-r", type=int, default=0, help="PEFT LoRA of this rank (0: full)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
     a = ap.parse_args()
 
     torch.manual_seed(a.seed)
     label = f"torch {a.workload} {a.arch}"
     t0 = time.perf_counter()
-    model = (smollm2_135m() if a.arch == "smollm2" else gpt2_small()).float()
+    model = ARCHS[a.arch]().float()
+    if a.workload != "generate" and a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if a.workload != "generate" and a.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r,
+                                                 lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+        if a.gradient_checkpointing:
+            model.enable_input_require_grads()
     vocab = model.config.vocab_size
     n_params = sum(p.numel() for p in model.parameters())
     print(
@@ -265,6 +312,8 @@ def main():
                 "steal_cpu": steal_cpu,
                 "torch": torch.__version__,
                 "bf16": a.bf16,
+                "lora_r": a.lora_r,
+                "gradient_checkpointing": a.gradient_checkpointing,
             }
         ),
         flush=True,

@@ -258,3 +258,30 @@ fn convert_never_leaves_partial_output() {
         .collect();
     assert!(leftovers.is_empty());
 }
+
+#[test]
+fn a_qwen3_config_without_head_dim_or_with_sliding_windows_is_refused() {
+    for (key, value, needle) in [
+        ("head_dim", serde_json::Value::Null, "needs `head_dim`"),
+        (
+            "use_sliding_window",
+            serde_json::json!(true),
+            "use_sliding_window",
+        ),
+    ] {
+        let (_t, dir) = tmp_model("qwen3");
+        let cfg_path = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        if value.is_null() {
+            cfg.as_object_mut().unwrap().remove(key);
+        } else {
+            cfg[key] = value;
+        }
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        expect_error(
+            &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+            &["config.json", needle],
+        );
+    }
+}

@@ -7,6 +7,7 @@ mod common;
 mod accumulation;
 mod bf16;
 mod chat_template;
+mod checkpointing;
 mod cli_errors;
 mod convert;
 mod eval;

@@ -42,6 +42,46 @@ pub enum Arch {
     Smollm2,
     /// GPT-2 small (124M).
     Gpt2,
+    /// Qwen2.5-0.5B (494M, tied embeddings, q/k/v biases).
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen25Half,
+    /// Qwen2.5-1.5B (1.54B, tied embeddings).
+    #[value(name = "qwen2.5-1.5b")]
+    Qwen25OneAndHalf,
+}
+
+impl Arch {
+    fn config(self) -> ModelConfig {
+        match self {
+            Arch::Smollm2 => smollm2_135m_config(),
+            Arch::Gpt2 => gpt2_small_config(),
+            Arch::Qwen25Half => qwen25_config(896, 4864, 24, 14),
+            Arch::Qwen25OneAndHalf => qwen25_config(1536, 8960, 28, 12),
+        }
+    }
+}
+
+/// The Qwen2.5 architectures (2 key-value heads, vocabulary 151 936, tied, rope θ = 10⁶).
+fn qwen25_config(hidden: usize, inter: usize, layers: usize, heads: usize) -> ModelConfig {
+    ModelConfig::from_json(json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": true,
+        "bos_token_id": 151643,
+        "eos_token_id": 151643,
+        "torch_dtype": "float32"
+    }))
+    .expect("the built-in Qwen2.5 config is valid")
 }
 
 #[derive(clap::Args, Debug)]
@@ -72,6 +112,13 @@ pub struct BenchArgs {
     /// bf16 decode weights for generate, as `rlhf generate --bf16`.
     #[arg(long)]
     pub bf16: bool,
+    /// LoRA of this rank on every projection (α = 2r, no dropout) on a frozen base; 0: full
+    /// fine-tuning (train and dpo).
+    #[arg(long, default_value_t = 0)]
+    pub lora_r: usize,
+    /// Recompute block activations in the backward pass (train and dpo).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 const LR: f64 = 1e-5;
@@ -321,22 +368,30 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         bail!("--batch and --repeats must be at least 1 and --seq at least 2");
     }
     if args.workload == Workload::Matmul {
-        let cfg = match args.arch {
-            Arch::Smollm2 => smollm2_135m_config(),
-            Arch::Gpt2 => gpt2_small_config(),
-        };
+        let cfg = args.arch.config();
         return matmul_workload(&cfg, args.batch * args.seq, args.repeats);
     }
-    let cfg: ModelConfig = match args.arch {
-        Arch::Smollm2 => smollm2_135m_config(),
-        Arch::Gpt2 => gpt2_small_config(),
-    };
+    let cfg: ModelConfig = args.arch.config();
     let trainable = args.workload != Workload::Generate;
+    let lora = trainable && args.lora_r > 0;
     let bf16 = super::bf16_pays(args.bf16 && trainable);
     crate::ops::bf16::set_enabled(bf16)?;
     let t_build = Instant::now();
     let weights = random_weights(&cfg, args.seed)?;
-    let mut model = CausalLm::from_weights(cfg.clone(), weights, trainable)?;
+    let mut model = CausalLm::from_weights(cfg.clone(), weights, trainable && !lora)?;
+    if lora {
+        model.add_lora(
+            &crate::model::lora::LoraConfig {
+                use_peft: true,
+                lora_r: args.lora_r,
+                lora_alpha: 2.0 * args.lora_r as f64,
+                lora_dropout: 0.0,
+                ..Default::default()
+            },
+            args.seed,
+        )?;
+    }
+    model.set_gradient_checkpointing(args.gradient_checkpointing);
     let decode16 =
         args.bf16 && args.workload == Workload::Generate && model.use_bf16_decode_weights(true)?;
     let label = format!(
@@ -344,7 +399,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         name(args.workload),
         name(args.arch),
         if bf16 || decode16 { " bf16" } else { "" }
-    );
+    ) + &if lora {
+        format!(" lora-r{}", args.lora_r)
+    } else {
+        String::new()
+    } + if args.gradient_checkpointing {
+        " ckpt"
+    } else {
+        ""
+    };
     eprintln!(
         "{label}: random {:.1}M-parameter model built in {:.1}s",
         cfg.num_parameters() as f64 / 1e6,
@@ -435,6 +498,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "bf16_requested": args.bf16,
             "bf16_matmuls": bf16,
             "bf16_decode_weights": decode16,
+            "lora_r": if lora { args.lora_r } else { 0 },
+            "gradient_checkpointing": args.gradient_checkpointing,
             "cpu": ops::cpu::cpu().model,
             "cpu_flags": ops::cpu::cpu().flags(),
             "kernels": ops::cpu::kernel_paths().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),

@@ -10,11 +10,13 @@ use super::linear::{Linear, Pass};
 use super::weights::WeightMap;
 use super::{KvCache, ParamCollector, StepInputs};
 
+#[derive(Clone)]
 struct Norm {
     weight: Tensor,
     bias: Tensor,
 }
 
+#[derive(Clone)]
 struct Block {
     ln_1: Norm,
     c_attn: Linear,
@@ -22,6 +24,68 @@ struct Block {
     ln_2: Norm,
     c_fc: Linear,
     mlp_proj: Linear,
+}
+
+/// What a block needs of the config.
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    head_dim: usize,
+    eps: f64,
+    activation: crate::ops::Activation,
+}
+
+impl Block {
+    /// x + attention(ln_1(x)), then + MLP(ln_2(·)): [B, T, D] → [B, T, D].
+    fn forward(
+        &self,
+        s: &Shape,
+        x: &Tensor,
+        scale: f64,
+        attn_bias: &Tensor,
+        pass: &Pass,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let path = pass.path;
+        let hn = path.layer_norm(x, &self.ln_1.weight, &self.ln_1.bias, s.eps)?;
+        let qkv = self.c_attn.forward(&hn, pass)?;
+        let split = |j: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(D::Minus1, j * d, d)?
+                .reshape((b, t, s.heads, s.head_dim))?
+                .transpose(1, 2)
+        };
+        let (q, k, v) = (split(0)?, split(1)?, split(2)?);
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let a = path.attention(&q, &k, &v, attn_bias, scale)?;
+        let x = (x + self.c_proj.forward(&a, pass)?)?;
+        let hn = path.layer_norm(&x, &self.ln_2.weight, &self.ln_2.bias, s.eps)?;
+        let m = path.activation(&self.c_fc.forward(&hn, pass)?, s.activation)?;
+        x + self.mlp_proj.forward(&m, pass)?
+    }
+
+    /// Whether a gradient flows into the block's own tensors (else there is nothing to
+    /// checkpoint for).
+    fn trains(&self) -> bool {
+        self.tensors().iter().any(|t| t.is_variable())
+    }
+
+    /// Every tensor of the block (those that train get gradients when it is checkpointed).
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![
+            self.ln_1.weight.clone(),
+            self.ln_1.bias.clone(),
+            self.ln_2.weight.clone(),
+            self.ln_2.bias.clone(),
+        ];
+        for l in [&self.c_attn, &self.c_proj, &self.c_fc, &self.mlp_proj] {
+            out.extend(l.tensors());
+        }
+        out
+    }
 }
 
 pub struct Gpt2 {
@@ -139,29 +203,29 @@ impl Gpt2 {
         let pos = Tensor::from_vec(pos, b * t, inp.ids.device())?;
         let tok = self.wte.index_select(&inp.ids.flatten_all()?, 0)?;
         let mut x = (tok + self.wpe.index_select(&pos, 0)?)?.reshape((b, t, d))?;
-        let path = inp.path;
+        let shape = Shape {
+            heads: h,
+            head_dim: hd,
+            eps: cfg.norm_eps,
+            activation: cfg.activation,
+        };
+        let path = pass.path;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let hn = path.layer_norm(&x, &blk.ln_1.weight, &blk.ln_1.bias, cfg.norm_eps)?;
-            let qkv = blk.c_attn.forward(&hn, pass)?;
-            let split = |j: usize| -> candle_core::Result<Tensor> {
-                qkv.narrow(D::Minus1, j * d, d)?
-                    .reshape((b, t, h, hd))?
-                    .transpose(1, 2)
-            };
-            let (q, k, v) = (split(0)?, split(1)?, split(2)?);
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
-            };
             let mut scale = 1.0 / (hd as f64).sqrt();
             if cfg.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }
-            let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
-            x = (x + blk.c_proj.forward(&a, pass)?)?;
-            let hn = path.layer_norm(&x, &blk.ln_2.weight, &blk.ln_2.bias, cfg.norm_eps)?;
-            let m = path.activation(&blk.c_fc.forward(&hn, pass)?, cfg.activation)?;
-            x = (x + blk.mlp_proj.forward(&m, pass)?)?;
+            x = if pass.checkpoint && cache.is_none() && blk.trains() {
+                let (blk, bias) = (blk.clone(), inp.attn_bias.clone());
+                let params = blk.tensors();
+                let f: super::checkpoint::BlockFn = std::sync::Arc::new(move |x, pass| {
+                    blk.forward(&shape, x, scale, &bias, pass, None)
+                });
+                super::checkpoint::run(&x, f, pass, params)?
+            } else {
+                let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+                blk.forward(&shape, &x, scale, &inp.attn_bias, pass, layer_cache)?
+            };
         }
         path.layer_norm(&x, &self.ln_f.weight, &self.ln_f.bias, cfg.norm_eps)
     }

@@ -68,6 +68,8 @@ pub struct ModelConfig {
     pub o_bias: bool,
     pub mlp_bias: bool,
     pub activation: Activation,
+    /// RMSNorm over each head of q and k before the rotary embedding (Qwen3).
+    pub qk_norm: bool,
     /// Mistral's sliding attention window, when it is active.
     pub sliding_window: Option<usize>,
     /// GPT-2: divide attention scores by (layer index + 1).
@@ -140,6 +142,7 @@ impl ModelConfig {
             "gpt2" => "GPT2",
             "mistral" => "Mistral",
             "qwen2" => "Qwen2",
+            "qwen3" => "Qwen3",
             _ => "Llama",
         };
         format!("{stem}ForSequenceClassification")
@@ -166,10 +169,10 @@ impl ModelConfig {
             .unwrap_or("")
             .to_string();
         let family = match model_type.as_str() {
-            "llama" | "mistral" | "qwen2" => Family::Llama,
+            "llama" | "mistral" | "qwen2" | "qwen3" => Family::Llama,
             "gpt2" => Family::Gpt2,
             _ => bail!(
-                "unsupported architecture `{}` (model_type `{model_type}`); supported model types: llama, mistral, qwen2, gpt2",
+                "unsupported architecture `{}` (model_type `{model_type}`); supported model types: llama, mistral, qwen2, qwen3, gpt2",
                 if architecture.is_empty() { "?" } else { &architecture }
             ),
         };
@@ -183,8 +186,15 @@ impl ModelConfig {
         let hidden_size = get_usize(&raw, "hidden_size")?;
         let num_heads = get_usize(&raw, "num_attention_heads")?;
         let num_kv_heads = opt_usize(&raw, "num_key_value_heads").unwrap_or(num_heads);
-        let head_dim = opt_usize(&raw, "head_dim").unwrap_or(hidden_size / num_heads.max(1));
         let is_qwen2 = model_type == "qwen2";
+        let is_qwen3 = model_type == "qwen3";
+        // Qwen3's head_dim is not hidden_size / heads (and transformers' default for it, 128,
+        // is no guide to a checkpoint's): it must be given.
+        let head_dim = match opt_usize(&raw, "head_dim") {
+            Some(h) => h,
+            None if is_qwen3 => bail!("a qwen3 config needs `head_dim`"),
+            None => hidden_size / num_heads.max(1),
+        };
         let attention_bias = opt_bool(&raw, "attention_bias").unwrap_or(false);
         // transformers 5 writes `rope_parameters`; earlier versions `rope_scaling` + `rope_theta`.
         let rope_scaling =
@@ -197,8 +207,8 @@ impl ModelConfig {
             .unwrap_or(10000.0);
         let sliding_window = if model_type == "mistral" {
             opt_usize(&raw, "sliding_window")
-        } else if is_qwen2 && opt_bool(&raw, "use_sliding_window").unwrap_or(false) {
-            bail!("Qwen2 with use_sliding_window=true is not supported")
+        } else if (is_qwen2 || is_qwen3) && opt_bool(&raw, "use_sliding_window").unwrap_or(false) {
+            bail!("{model_type} with use_sliding_window=true is not supported")
         } else {
             None
         };
@@ -224,6 +234,7 @@ impl ModelConfig {
                     .and_then(Value::as_str)
                     .unwrap_or("silu"),
             )?,
+            qk_norm: is_qwen3,
             sliding_window,
             scale_attn_by_inverse_layer_idx: false,
             bos_token_id: opt_usize(&raw, "bos_token_id").map(|x| x as u32),
@@ -268,6 +279,7 @@ impl ModelConfig {
                     .unwrap_or("gelu_new"),
             )?,
             sliding_window: None,
+            qk_norm: false,
             scale_attn_by_inverse_layer_idx: opt_bool(&raw, "scale_attn_by_inverse_layer_idx")
                 .unwrap_or(false),
             bos_token_id: opt_usize(&raw, "bos_token_id").map(|x| x as u32),
@@ -347,6 +359,9 @@ impl ModelConfig {
                 }
                 if self.o_bias {
                     attn += d;
+                }
+                if self.qk_norm {
+                    attn += 2 * hd;
                 }
                 let mlp = 3 * d * f + if self.mlp_bias { 2 * f + d } else { 0 };
                 v * d + self.num_layers * (attn + mlp + 2 * d) + d + head

@@ -83,6 +83,15 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<WeightMap> {
                 for norm in ["input_layernorm", "post_attention_layernorm"] {
                     put(&mut map, format!("{p}.{norm}.weight"), filled(&[d], 1.0)?);
                 }
+                if cfg.qk_norm {
+                    for norm in ["q_norm", "k_norm"] {
+                        put(
+                            &mut map,
+                            format!("{p}.self_attn.{norm}.weight"),
+                            filled(&[cfg.head_dim], 1.0)?,
+                        );
+                    }
+                }
             }
             put(&mut map, "model.norm.weight".into(), filled(&[d], 1.0)?);
         }

@@ -7,10 +7,14 @@ use crate::ops::OpsPath;
 
 /// How one forward pass runs: the ops path, and whether LoRA adapters apply (a LoRA run's
 /// reference is its base with them off) with training dropout.
-pub struct Pass<'a> {
+#[derive(Clone)]
+pub struct Pass {
     pub path: OpsPath,
     pub adapters: bool,
-    pub dropout: Option<Dropout<'a>>,
+    pub dropout: Option<Dropout>,
+    /// Recompute each block's activations in the backward pass instead of keeping them
+    /// (training only; `gradient_checkpointing`).
+    pub checkpoint: bool,
 }
 
 /// y = x·Wᵀ + b (+ a LoRA update) with W stored [out, in] (torch.nn.Linear's layout), and
@@ -36,6 +40,17 @@ impl Linear {
             decode: None,
             lora: None,
         }
+    }
+
+    /// Weight, bias and adapter tensors.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let mut out = vec![self.weight.clone()];
+        out.extend(self.bias.clone());
+        if let Some(l) = &self.lora {
+            out.push(l.a.clone());
+            out.push(l.b.clone());
+        }
+        out
     }
 
     /// (in, out) features.

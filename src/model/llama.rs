@@ -10,24 +10,105 @@ use super::weights::WeightMap;
 use super::{KvCache, ParamCollector, StepInputs};
 use crate::ops;
 
+#[derive(Clone)]
 struct Attention {
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
+    /// Qwen3's per-head RMSNorm weights [head_dim] of q and k.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate: Linear,
     up: Linear,
     down: Linear,
 }
 
+#[derive(Clone)]
 struct Block {
     attn_norm: Tensor,
     attn: Attention,
     mlp_norm: Tensor,
     mlp: Mlp,
+}
+
+/// What a block needs of the config.
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+    activation: ops::Activation,
+}
+
+impl Block {
+    /// x + attention(norm(x)), then + MLP(norm(·)): [B, T, D] → [B, T, D].
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        s: &Shape,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        attn_bias: &Tensor,
+        pass: &Pass,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (path, hd) = (pass.path, s.head_dim);
+        let hn = path.rms_norm(x, &self.attn_norm, s.eps)?;
+        let heads = |l: &Linear, n: usize, norm: &Option<Tensor>| {
+            let x = l.forward(&hn, pass)?.reshape((b, t, n, hd))?;
+            match norm {
+                Some(w) => path.rms_norm(&x, w, s.eps),
+                None => Ok(x),
+            }
+        };
+        let q = path.rope(&heads(&self.attn.q, s.heads, &self.attn.q_norm)?, cos, sin)?;
+        let k = path.rope(
+            &heads(&self.attn.k, s.kv_heads, &self.attn.k_norm)?,
+            cos,
+            sin,
+        )?;
+        let v = heads(&self.attn.v, s.kv_heads, &None)?.transpose(1, 2)?;
+        let (k, v) = match cache {
+            Some((c, layer)) => c.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let a = path.attention(&q, &k, &v, attn_bias, scale)?;
+        let x = (x + self.attn.o.forward(&a, pass)?)?;
+        let hn = path.rms_norm(&x, &self.mlp_norm, s.eps)?;
+        let gate = self.mlp.gate.forward(&hn, pass)?;
+        let up = self.mlp.up.forward(&hn, pass)?;
+        x + self
+            .mlp
+            .down
+            .forward(&path.gated(&gate, &up, s.activation)?, pass)?
+    }
+
+    /// Whether a gradient flows into the block's own tensors (else there is nothing to
+    /// checkpoint for).
+    fn trains(&self) -> bool {
+        self.tensors().iter().any(|t| t.is_variable())
+    }
+
+    /// Every tensor of the block (those that train get gradients when it is checkpointed).
+    fn tensors(&self) -> Vec<Tensor> {
+        let (a, m) = (&self.attn, &self.mlp);
+        let mut out = vec![self.attn_norm.clone(), self.mlp_norm.clone()];
+        out.extend(self.attn.q_norm.clone());
+        out.extend(self.attn.k_norm.clone());
+        for l in [&a.q, &a.k, &a.v, &a.o, &m.gate, &m.up, &m.down] {
+            out.extend(l.tensors());
+        }
+        out
+    }
 }
 
 pub struct Llama {
@@ -76,12 +157,20 @@ impl Llama {
                 k: linear("self_attn.k_proj", kvd, d, cfg.qkv_bias)?,
                 v: linear("self_attn.v_proj", kvd, d, cfg.qkv_bias)?,
                 o: linear("self_attn.o_proj", d, qd, cfg.o_bias)?,
+                q_norm: None,
+                k_norm: None,
             };
             let mlp = Mlp {
                 gate: linear("mlp.gate_proj", f, d, cfg.mlp_bias)?,
                 up: linear("mlp.up_proj", f, d, cfg.mlp_bias)?,
                 down: linear("mlp.down_proj", d, f, cfg.mlp_bias)?,
             };
+            let mut attn = attn;
+            if cfg.qk_norm {
+                let hd = [cfg.head_dim];
+                attn.q_norm = Some(get(&format!("{p}.self_attn.q_norm.weight"), &hd)?);
+                attn.k_norm = Some(get(&format!("{p}.self_attn.k_norm.weight"), &hd)?);
+            }
             blocks.push(Block {
                 attn_norm: get(&format!("{p}.input_layernorm.weight"), &[d])?,
                 attn,
@@ -115,35 +204,33 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = inp.ids.dims2()?;
-        let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (cos, sin) = ops::rope_tables(&self.inv_freq, &inp.position_ids)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let shape = Shape {
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            eps: cfg.norm_eps,
+            activation: cfg.activation,
+        };
         let mut x = self
             .embed
             .index_select(&inp.ids.flatten_all()?, 0)?
             .reshape((b, t, cfg.hidden_size))?;
-        let path = inp.path;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let hn = path.rms_norm(&x, &blk.attn_norm, cfg.norm_eps)?;
-            let heads = |l: &Linear, n: usize| l.forward(&hn, pass)?.reshape((b, t, n, hd));
-            let q = path.rope(&heads(&blk.attn.q, h)?, &cos, &sin)?;
-            let k = path.rope(&heads(&blk.attn.k, kv)?, &cos, &sin)?;
-            let v = heads(&blk.attn.v, kv)?.transpose(1, 2)?;
-            let (k, v) = match cache.as_deref_mut() {
-                Some(c) => c.append(i, &k, &v)?,
-                None => (k, v),
+            x = if pass.checkpoint && cache.is_none() && blk.trains() {
+                let (blk, cos, sin, bias) =
+                    (blk.clone(), cos.clone(), sin.clone(), inp.attn_bias.clone());
+                let params = blk.tensors();
+                let f: super::checkpoint::BlockFn = std::sync::Arc::new(move |x, pass| {
+                    blk.forward(&shape, x, &cos, &sin, &bias, pass, None)
+                });
+                super::checkpoint::run(&x, f, pass, params)?
+            } else {
+                let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+                blk.forward(&shape, &x, &cos, &sin, &inp.attn_bias, pass, layer_cache)?
             };
-            let a = path.attention(&q, &k, &v, &inp.attn_bias, scale)?;
-            x = (x + blk.attn.o.forward(&a, pass)?)?;
-            let hn = path.rms_norm(&x, &blk.mlp_norm, cfg.norm_eps)?;
-            let gate = blk.mlp.gate.forward(&hn, pass)?;
-            let up = blk.mlp.up.forward(&hn, pass)?;
-            x = (x + blk
-                .mlp
-                .down
-                .forward(&path.gated(&gate, &up, cfg.activation)?, pass)?)?;
         }
-        path.rms_norm(&x, &self.norm, cfg.norm_eps)
+        pass.path.rms_norm(&x, &self.norm, cfg.norm_eps)
     }
 
     /// Every projection, for adapters and decode copies.
@@ -199,6 +286,11 @@ impl Llama {
             lin("mlp.gate_proj", &blk.mlp.gate);
             lin("mlp.up_proj", &blk.mlp.up);
             lin("mlp.down_proj", &blk.mlp.down);
+            for (name, w) in [("q_norm", &blk.attn.q_norm), ("k_norm", &blk.attn.k_norm)] {
+                if let Some(w) = w {
+                    out.push((format!("{p}.self_attn.{name}.weight"), w.clone()));
+                }
+            }
             out.push((format!("{p}.input_layernorm.weight"), blk.attn_norm.clone()));
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),

@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crate::settings::{KeyDoc, Section};
 
@@ -190,7 +191,7 @@ pub struct AdapterSwitch {
     off: AtomicBool,
     /// Some while a training forward pass runs: dropout masks come from (seed, call number).
     dropout_seed: std::sync::Mutex<Option<u64>>,
-    calls: AtomicU64,
+    calls: Arc<AtomicU64>,
 }
 
 impl AdapterSwitch {
@@ -203,11 +204,11 @@ impl AdapterSwitch {
     }
 
     /// Dropout for this forward pass, if training dropout is on.
-    pub fn dropout(&self) -> Option<Dropout<'_>> {
+    pub fn dropout(&self) -> Option<Dropout> {
         let seed = (*self.dropout_seed.lock().unwrap())?;
         Some(Dropout {
             seed,
-            calls: &self.calls,
+            calls: self.calls.clone(),
         })
     }
 
@@ -221,12 +222,32 @@ impl AdapterSwitch {
 
 /// Inverted dropout with masks drawn from a counter-based generator: the n-th adapter call after
 /// `set_dropout_seed(s)` uses the stream (s, n), whatever ran before.
-pub struct Dropout<'a> {
+#[derive(Clone)]
+pub struct Dropout {
     seed: u64,
-    calls: &'a AtomicU64,
+    calls: Arc<AtomicU64>,
 }
 
-impl Dropout<'_> {
+impl Dropout {
+    /// The number of the next call.
+    pub fn position(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Moves the shared counter to `n` (after a block ran on a replica of it).
+    pub fn set_position(&self, n: u64) {
+        self.calls.store(n, Ordering::Relaxed)
+    }
+
+    /// An independent copy whose next call is number `n`: what a recomputed block uses to draw
+    /// the masks it drew the first time.
+    pub fn replica_at(&self, n: u64) -> Dropout {
+        Dropout {
+            seed: self.seed,
+            calls: Arc::new(AtomicU64::new(n)),
+        }
+    }
+
     fn apply(&self, x: &Tensor, p: f32) -> candle_core::Result<Tensor> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         let mut rng = SplitMix::new(self.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));

@@ -1,5 +1,6 @@
 //! Our own differentiable decoder models on candle. Knows nothing of algorithms, data or the CLI.
 
+pub mod checkpoint;
 pub mod gguf;
 pub mod gpt2;
 pub mod hparams;
@@ -179,6 +180,8 @@ pub struct CausalLm {
     adapters: lora::AdapterSwitch,
     /// (r, α, dropout, rsLoRA) of the adapters, when there are any.
     adapter_hparams: Option<(usize, f64, f64, bool)>,
+    /// Recompute block activations in the backward pass (`gradient_checkpointing`).
+    checkpointing: std::sync::atomic::AtomicBool,
 }
 
 impl CausalLm {
@@ -206,6 +209,7 @@ impl CausalLm {
             lm_head_decode: None,
             adapters: lora::AdapterSwitch::default(),
             adapter_hparams: None,
+            checkpointing: Default::default(),
         })
     }
 
@@ -331,6 +335,13 @@ impl CausalLm {
             .collect()
     }
 
+    /// Training passes keep only each block's input and recompute the rest in the backward
+    /// pass (same gradients, less memory; see `checkpoint.rs`).
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Runs `f` with the adapters off: the LoRA run's base model, e.g. as its reference.
     pub fn without_adapters<R>(&self, f: impl FnOnce(&CausalLm) -> R) -> R {
         struct On<'a>(&'a lora::AdapterSwitch);
@@ -377,6 +388,9 @@ impl CausalLm {
             path: inp.path,
             adapters: self.adapters.enabled(),
             dropout: self.adapters.dropout(),
+            checkpoint: self
+                .checkpointing
+                .load(std::sync::atomic::Ordering::Relaxed),
         };
         match &self.body {
             Body::Llama(m) => m.forward_hidden(&self.config, inp, &pass, cache),

@@ -238,6 +238,13 @@ impl<'a> Looping<'a> {
     ) -> Result<Self> {
         let train = run.train.clone();
         let out = PathBuf::from(&train.output_dir);
+        models
+            .policy
+            .set_gradient_checkpointing(train.gradient_checkpointing);
+        if let Some(v) = models.value {
+            v.body
+                .set_gradient_checkpointing(train.gradient_checkpointing);
+        }
         let policy_params = models.policy.parameters().to_vec();
         let mut params = policy_params.clone();
         if let Some(v) = models.value {

@@ -109,7 +109,8 @@ impl Optimizer {
             return Ok(value as f64);
         }
         if self.nonfinite_loss.is_none() {
-            self.grads.add(&self.params, &loss.backward()?)?;
+            self.grads
+                .add(&self.params, &crate::model::checkpoint::backward(loss)?)?;
         }
         Ok(value as f64)
     }

@@ -150,6 +150,7 @@ pub fn train(
     if model.parameters().is_empty() {
         bail!("the model was loaded without trainable parameters");
     }
+    model.set_gradient_checkpointing(cfg.gradient_checkpointing);
     let mut params = model.parameters().to_vec();
     params.extend(task.extra_parameters());
     let out = Path::new(&cfg.output_dir);

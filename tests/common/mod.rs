@@ -27,6 +27,8 @@ pub const MODELS: &[&str] = &[
     "mistral",
     "gpt2",
     "llama-gguf",
+    "qwen3",
+    "llama3.2-tied",
 ];
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
