@@ -47,4 +47,4 @@ rm -rf "$O/eval"
 $B eval --set "policies=[$POLICIES]" --set judge=\"vader\" --set prompt_file=\"data/review-prompts-eval.jsonl\" \
     --set max_prompts=$EVAL_PROMPTS --set response_length=24 --set text_file=\"data/reviews-eval.jsonl\" \
     --set output_dir=\"$O/eval\"
-cp "$O/eval/report.md" "$O/eval/results.json" "$R/"
+cp "$O/eval/report.md" "$O/eval/results.json" "$O/eval/"*.svg "$R/"
