@@ -85,8 +85,17 @@ impl Settings {
     /// paths and required keys checked.
     pub fn section<T: Section>(&self) -> Result<T> {
         let mut table = self.table.clone();
+        // Defaults may name paths under `~/` too (e.g. ref_cache_dir): expand those as well.
+        let defaults = Value::try_from(T::default()).ok();
         for d in T::KEYS {
             if d.path {
+                if !table.contains_key(d.key) {
+                    if let Some(v) = defaults.as_ref().and_then(|t| t.get(d.key)) {
+                        if v.as_str().is_some_and(|s| s.starts_with("~/")) {
+                            table.insert(d.key.to_string(), v.clone());
+                        }
+                    }
+                }
                 if let Some(v) = table.get_mut(d.key) {
                     expand_tilde_in(v);
                 }

@@ -97,3 +97,17 @@ fn closed_sets_of_values_are_refused_naming_the_key_and_the_choices() {
     let o = run_with_sets(&["sft"], &[model.as_str(), "learning_rat=0.1"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("did you mean `learning_rate`"));
 }
+
+#[test]
+fn a_default_path_under_home_is_expanded_like_a_given_one() {
+    use rlhf::commands::dpo::DpoRunConfig;
+    let sets = vec!["model=m".to_string(), "train_file=t.jsonl".to_string()];
+    let s = rlhf::settings::Settings::load(None, &sets, &[DpoRunConfig::KEYS]).unwrap();
+    let run: DpoRunConfig = s.section().unwrap();
+    let home = std::env::var("HOME").unwrap();
+    assert!(
+        run.ref_cache_dir.starts_with(&home) && !run.ref_cache_dir.starts_with('~'),
+        "{}",
+        run.ref_cache_dir
+    );
+}
