@@ -79,7 +79,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         LoraConfig::KEYS,
     ])?;
     let run: DpoRunConfig = settings.section()?;
-    let lora: LoraConfig = settings.section()?;
+    let lora = super::lora_settings(&settings)?;
     let mut data_cfg: PreferenceDataConfig = settings.section()?;
     let params = DpoParams {
         loss: run.loss_type,

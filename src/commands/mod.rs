@@ -93,6 +93,16 @@ pub fn bf16_pays(requested: bool) -> bool {
     d.use_kernel
 }
 
+/// The run's LoRA section, checked (naming where the settings came from) when LoRA is on.
+pub fn lora_settings(settings: &Settings) -> Result<LoraConfig> {
+    let lora: LoraConfig = settings.section()?;
+    if lora.use_peft {
+        lora.validate()
+            .with_context(|| settings.origin().to_string())?;
+    }
+    Ok(lora)
+}
+
 /// The model a training command trains: every weight, or with `use_peft` a LoRA adapter on the
 /// frozen base (a fresh one, or the adapter `spec` names, trained further).
 pub fn load_trainable(spec: &str, lora: &LoraConfig, seed: u64) -> Result<Checkpoint> {

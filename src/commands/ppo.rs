@@ -119,7 +119,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         TrainConfig::KEYS,
         LoraConfig::KEYS,
     ])?;
-    let lora: LoraConfig = settings.section()?;
+    let lora = super::lora_settings(&settings)?;
     let origin = settings.origin().to_string();
     let run: PpoRunConfig = settings.section()?;
     let ppo: PpoConfig = settings.section()?;

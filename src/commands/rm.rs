@@ -74,7 +74,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         LoraConfig::KEYS,
     ])?;
     let run: RmRunConfig = settings.section()?;
-    let lora: LoraConfig = settings.section()?;
+    let lora = super::lora_settings(&settings)?;
     let mut data_cfg: PreferenceDataConfig = settings.section()?;
     let inputs = [
         &run.model,

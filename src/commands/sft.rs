@@ -52,7 +52,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         LoraConfig::KEYS,
     ])?;
     let run: SftRunConfig = settings.section()?;
-    let lora: LoraConfig = settings.section()?;
+    let lora = super::lora_settings(&settings)?;
     let mut data_cfg: SftDataConfig = settings.section()?;
     let (train_cfg, out) = start_training(
         args,
