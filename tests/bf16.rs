@@ -162,23 +162,8 @@ fn sampler_and_bf16_trainer_log_probs_agree_within_bf16_rounding() {
         },
     )
     .unwrap();
-    let seqs: Vec<Vec<u32>> = samples
-        .iter()
-        .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
-        .collect();
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let starts: Vec<usize> = samples.iter().map(|s| s.prompt.len()).collect();
-    let (lp, _, _) = ck
-        .model
-        .completion_logprobs(&refs, &starts, rlhf::ops::default_path())
-        .unwrap();
+    let worst = sampler_vs_forward_logprobs(&ck.model, &samples);
     rlhf::ops::bf16::set_enabled(false).unwrap();
-    let lp = lp.to_vec2::<f32>().unwrap();
-    let mut worst = 0f32;
-    for (n, s) in samples.iter().enumerate() {
-        let fresh = &lp[n][starts[n] - 1..seqs[n].len() - 1];
-        worst = worst.max(max_abs_diff(fresh, &s.model_logprobs));
-    }
     println!("max |log π_sampler − log π_bf16 trainer| = {worst:.2e}");
     assert!(worst < 0.1, "{worst}");
 }
@@ -238,24 +223,7 @@ fn bf16_decode_weights_round_only_the_weights() {
         ..Default::default()
     };
     let samples = generate(&ck.model, &prompts, &cfg).unwrap();
-    let seqs: Vec<Vec<u32>> = samples
-        .iter()
-        .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
-        .collect();
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let starts: Vec<usize> = samples.iter().map(|s| s.prompt.len()).collect();
-    let (lp, _, _) = ck
-        .model
-        .completion_logprobs(&refs, &starts, rlhf::ops::default_path())
-        .unwrap();
-    let lp = lp.to_vec2::<f32>().unwrap();
-    let mut worst = 0f32;
-    for (n, s) in samples.iter().enumerate() {
-        worst = worst.max(max_abs_diff(
-            &lp[n][starts[n] - 1..seqs[n].len() - 1],
-            &s.model_logprobs,
-        ));
-    }
+    let worst = sampler_vs_forward_logprobs(&ck.model, &samples);
     println!("max |log π_bf16 decode − log π_f32| = {worst:.2e}");
     assert!(worst > 0.0 && worst < 0.1, "{worst}");
 }

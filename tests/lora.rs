@@ -45,6 +45,18 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Each sequence's log-probs, scored alone.
+fn one_by_one(ck: &Checkpoint, seqs: &[Vec<u32>]) -> Vec<Vec<f32>> {
+    seqs.iter()
+        .map(|s| {
+            ck.model
+                .sequence_logprobs(std::slice::from_ref(s))
+                .unwrap()
+                .remove(0)
+        })
+        .collect()
+}
+
 /// The base with the fixture adapter attached (not merged).
 fn attached(name: &str, trainable: bool) -> Checkpoint {
     let g = lora_golden(name);
@@ -69,28 +81,10 @@ fn peft_adapters_give_peft_logprobs_merged_and_unmerged() {
         // An adapter directory is a model path: its base is found through
         // base_model_name_or_path (here relative to the adapter directory) and merged.
         let merged = Checkpoint::load(lora_dir(name).to_str().unwrap(), false).unwrap();
-        let merged_lp: Vec<Vec<f32>> = seqs
-            .iter()
-            .map(|s| {
-                merged
-                    .model
-                    .sequence_logprobs(std::slice::from_ref(s))
-                    .unwrap()
-                    .remove(0)
-            })
-            .collect();
+        let merged_lp = one_by_one(&merged, &seqs);
         let d_merged = max_diff(&merged_lp, &want);
         let unmerged = attached(name, false);
-        let unmerged_lp: Vec<Vec<f32>> = seqs
-            .iter()
-            .map(|s| {
-                unmerged
-                    .model
-                    .sequence_logprobs(std::slice::from_ref(s))
-                    .unwrap()
-                    .remove(0)
-            })
-            .collect();
+        let unmerged_lp = one_by_one(&unmerged, &seqs);
         let d_unmerged = max_diff(&unmerged_lp, &want);
         let peft_merged: Vec<Vec<f32>> = g["merged_logprobs"]
             .as_array()

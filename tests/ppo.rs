@@ -23,22 +23,8 @@ fn sampler_logprobs_equal_a_fresh_forward_so_the_first_ratio_is_one() {
         },
     )
     .unwrap();
-    let seqs: Vec<Vec<u32>> = samples
-        .iter()
-        .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
-        .collect();
-    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let starts: Vec<usize> = samples.iter().map(|s| s.prompt.len()).collect();
-    let (lp, _, _) = ck
-        .model
-        .completion_logprobs(&refs, &starts, rlhf::ops::default_path())
-        .unwrap();
-    let lp = lp.to_vec2::<f32>().unwrap();
-    for (n, s) in samples.iter().enumerate() {
-        let fresh = &lp[n][starts[n] - 1..seqs[n].len() - 1];
-        let worst = max_abs_diff(fresh, &s.model_logprobs);
-        assert!(worst < 1e-5, "row {n}: |Δ log π| = {worst}");
-    }
+    let worst = sampler_vs_forward_logprobs(&ck.model, &samples);
+    assert!(worst < 1e-5, "|Δ log π| = {worst}");
 }
 
 fn prompts_file(dir: &Path, n: usize) -> std::path::PathBuf {

@@ -72,6 +72,34 @@ fn rm(dir: &Path, train: &Path, eval: &Path, extra: &[&str]) -> std::process::Ou
     run_with_sets(&["rm"], &sets)
 }
 
+/// `rlhf score` of the reward model in `rm` on the top-ranked completion of each ranking record.
+fn score_best_completions(dir: &Path, rm: &Path, records: &[Value]) -> Vec<f64> {
+    let best: Vec<Value> = records
+        .iter()
+        .map(|r| {
+            let i = r["ranking"][0].as_u64().unwrap() as usize;
+            json!({"prompt": "review:", "completion": r["completions"][i]})
+        })
+        .collect();
+    let bp = dir.join("best.jsonl");
+    write_jsonl(&bp, &best);
+    let sp = dir.join("scores.jsonl");
+    let o = run_rlhf(&[
+        "score",
+        "--model",
+        rm.to_str().unwrap(),
+        "--data",
+        bp.to_str().unwrap(),
+        "--output",
+        sp.to_str().unwrap(),
+    ]);
+    assert_ok(&o);
+    read_jsonl(&sp)
+        .iter()
+        .map(|s| s["score"].as_f64().unwrap())
+        .collect()
+}
+
 #[test]
 fn reward_model_learns_a_hidden_lexicon_reward_and_is_saved_for_transformers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -104,31 +132,8 @@ fn reward_model_learns_a_hidden_lexicon_reward_and_is_saved_for_transformers() {
 
     // Normalisation: the best completion of each training prompt scores mean 0 through
     // `rlhf score`, and scores order texts like the hidden reward.
-    let best: Vec<Value> = train
-        .iter()
-        .map(|r| {
-            let i = r["ranking"][0].as_u64().unwrap() as usize;
-            json!({"prompt": "review:", "completion": r["completions"][i]})
-        })
-        .collect();
-    let bp = tmp.path().join("best.jsonl");
-    write_jsonl(&bp, &best);
-    let sp = tmp.path().join("scores.jsonl");
-    let o = run_rlhf(&[
-        "score",
-        "--model",
-        out.to_str().unwrap(),
-        "--data",
-        bp.to_str().unwrap(),
-        "--output",
-        sp.to_str().unwrap(),
-    ]);
-    assert_ok(&o);
-    let scores: Vec<f64> = read_jsonl(&sp)
-        .iter()
-        .map(|s| s["score"].as_f64().unwrap())
-        .collect();
-    assert_eq!(scores.len(), best.len());
+    let scores = score_best_completions(tmp.path(), &out, &train);
+    assert_eq!(scores.len(), train.len());
     let mean = scores.iter().sum::<f64>() / scores.len() as f64;
     assert!(mean.abs() < 1e-3, "normalised mean {mean} (bias {bias})");
     assert!(bias != 0.0);
@@ -558,28 +563,8 @@ fn reward_model_and_dpo_train_with_lora_and_save_peft_adapters() {
         st.tensor("base_model.model.score.weight").unwrap().shape(),
         &[1, 32]
     );
-    let best: Vec<Value> = train
-        .iter()
-        .take(40)
-        .map(|r| {
-            let i = r["ranking"][0].as_u64().unwrap() as usize;
-            json!({"prompt": "review:", "completion": r["completions"][i]})
-        })
-        .collect();
-    let bp = tmp.path().join("best.jsonl");
-    write_jsonl(&bp, &best);
-    let sp = tmp.path().join("scores.jsonl");
-    let o = run_rlhf(&[
-        "score",
-        "--model",
-        out.to_str().unwrap(),
-        "--data",
-        bp.to_str().unwrap(),
-        "--output",
-        sp.to_str().unwrap(),
-    ]);
-    assert_ok(&o);
-    assert_eq!(read_jsonl(&sp).len(), best.len());
+    let scores = score_best_completions(tmp.path(), &out, &train[..40]);
+    assert_eq!(scores.len(), 40);
 
     // DPO: the implicit reward accuracy rises; the saved adapter is the policy.
     let pairs: Vec<Value> = (0..200).map(|_| pair_record(&mut rng)).collect();

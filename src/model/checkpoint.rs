@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 
 use super::linear::Pass;
+use crate::ops::kernel::{contiguous, with_contiguous};
 
 /// One block's forward pass: input [B, T, D] → output [B, T, D].
 pub type BlockFn = Arc<dyn Fn(&Tensor, &Pass) -> Result<Tensor> + Send + Sync>;
@@ -49,22 +50,13 @@ impl CustomOp1 for Checkpointed {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(v), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("checkpointed block: contiguous f32 input expected")
-        };
-        let x = Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?;
+        let x = contiguous(storage, layout, self.name())?;
+        let x = Tensor::from_slice(x, layout.shape(), &candle_core::Device::Cpu)?;
         // The graph this builds (through the parameters) is dropped with `y`: only the output
-        // storage is kept.
-        let y = (self.block)(&x, &self.pass)?.contiguous()?;
-        let shape = y.shape().clone();
-        let (s, l) = y.storage_and_layout();
-        match (&*s, l.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                Ok((CpuStorage::F32(v[a..b].to_vec()), shape))
-            }
-            _ => candle_core::bail!("checkpointed block: CPU f32 output expected"),
-        }
+        // values are kept.
+        let y = (self.block)(&x, &self.pass)?;
+        let out = with_contiguous(&y, self.name(), |v| Ok(v.to_vec()))?;
+        Ok((CpuStorage::F32(out), y.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {

@@ -37,11 +37,14 @@ impl TargetModules {
     pub fn matches(&self, module: &str) -> bool {
         match self.names() {
             None => true,
-            Some(names) => names
-                .iter()
-                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
+            Some(names) => names.iter().any(|n| name_matches(module, n)),
         }
     }
+}
+
+/// PEFT's rule: a target name matches a module named exactly so, or ending in `.name`.
+pub fn name_matches(module: &str, name: &str) -> bool {
+    module == name || module.ends_with(&format!(".{name}"))
 }
 
 /// The LoRA settings of a training run (TRL's `ModelConfig` keys and defaults).

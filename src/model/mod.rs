@@ -246,10 +246,7 @@ impl CausalLm {
         }
         if let Some(names) = cfg.lora_target_modules.names() {
             for n in names {
-                if !made
-                    .iter()
-                    .any(|m| m == &n || m.ends_with(&format!(".{n}")))
-                {
+                if !made.iter().any(|m| lora::name_matches(m, &n)) {
                     let example = self
                         .linears()
                         .first()

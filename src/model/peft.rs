@@ -190,21 +190,15 @@ impl Adapter {
                 self.dir.join(CONFIG_FILE).display()
             );
         };
-        if crate::checkpoint::resolve(name).is_ok() {
-            return Ok(name.to_string());
-        }
-        let beside = self.dir.join(name);
-        if beside.exists() {
-            return Ok(beside.display().to_string());
-        }
-        // Let the resolver's own message say why.
-        crate::checkpoint::resolve(name).with_context(|| {
-            format!(
+        match crate::checkpoint::resolve(name) {
+            Ok(_) => Ok(name.to_string()),
+            Err(_) if self.dir.join(name).exists() => Ok(self.dir.join(name).display().to_string()),
+            // The resolver's own message says why.
+            Err(e) => Err(e.context(format!(
                 "{}: base model (base_model_name_or_path)",
                 self.dir.join(CONFIG_FILE).display()
-            )
-        })?;
-        unreachable!()
+            ))),
+        }
     }
 
     /// Adds every adapter's s·B·A into the base weights it adapts (PEFT's `merge_and_unload`),

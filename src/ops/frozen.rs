@@ -4,6 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use super::kernel::{contiguous, with_contiguous};
 use super::OpsPath;
 
 struct FrozenMatmul {
@@ -19,18 +20,11 @@ impl CustomOp1 for FrozenMatmul {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         // The input is wrapped as a graph-free tensor (one copy of it: rows × in values, small
         // next to the product's rows × in × out work) and multiplied by the dispatching kernels.
-        let (CpuStorage::F32(v), Some((start, end))) = (storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("frozen matmul: contiguous f32 input expected")
-        };
-        let x = Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?;
-        let y = self.path.matmul_t(&x, &self.w)?.contiguous()?;
-        let shape = y.shape().clone();
-        let (s, _) = y.storage_and_layout();
-        match &*s {
-            candle_core::Storage::Cpu(c) => Ok((c.clone(), shape)),
-            _ => candle_core::bail!("frozen matmul: CPU only"),
-        }
+        let x = contiguous(storage, layout, self.name())?;
+        let x = Tensor::from_slice(x, layout.shape(), &candle_core::Device::Cpu)?;
+        let y = self.path.matmul_t(&x, &self.w)?;
+        let out = with_contiguous(&y, self.name(), |v| Ok(v.to_vec()))?;
+        Ok((CpuStorage::F32(out), y.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {

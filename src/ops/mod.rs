@@ -11,7 +11,7 @@ pub mod attention;
 pub mod bf16;
 pub mod cpu;
 pub mod frozen;
-mod kernel;
+pub(crate) mod kernel;
 pub mod lm_head;
 pub mod norm;
 pub mod rope;

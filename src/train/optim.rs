@@ -76,14 +76,7 @@ pub struct AdamW {
 struct AdamWUpdate<'a> {
     grad: &'a [f32],
     state: Mutex<(&'a mut [f32], &'a mut [f32])>,
-    lr: f32,
-    scale: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    decay: f32,
-    bc1: f32,
-    bc2: f32,
+    rule: Rule,
     nonfinite: &'a Mutex<bool>,
 }
 
@@ -98,21 +91,6 @@ struct Rule {
     decay: f32,
     bc1: f32,
     bc2: f32,
-}
-
-impl AdamWUpdate<'_> {
-    fn rule(&self) -> Rule {
-        Rule {
-            lr: self.lr,
-            scale: self.scale,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            decay: self.decay,
-            bc1: self.bc1,
-            bc2: self.bc2,
-        }
-    }
 }
 
 crate::widest_fn! {
@@ -157,7 +135,7 @@ impl InplaceOp2 for AdamWUpdate<'_> {
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
             .zip(self.grad.par_chunks(CHUNK))
-            .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, self.rule()));
+            .for_each(|(((p, m), v), g)| adamw_chunk(p, m, v, g, self.rule));
         if p.iter().any(|x| !x.is_finite()) {
             *self.nonfinite.lock().unwrap() = true;
         }
@@ -203,18 +181,20 @@ impl AdamW {
             let op = AdamWUpdate {
                 grad: &grads.bufs[i],
                 state: Mutex::new((&mut self.m[i][..], &mut self.v[i][..])),
-                lr: lr as f32,
-                scale: grad_scale as f32,
-                beta1: self.cfg.beta1 as f32,
-                beta2: self.cfg.beta2 as f32,
-                eps: self.cfg.eps as f32,
-                decay: if self.decay[i] {
-                    self.cfg.weight_decay as f32
-                } else {
-                    0.0
+                rule: Rule {
+                    lr: lr as f32,
+                    scale: grad_scale as f32,
+                    beta1: self.cfg.beta1 as f32,
+                    beta2: self.cfg.beta2 as f32,
+                    eps: self.cfg.eps as f32,
+                    decay: if self.decay[i] {
+                        self.cfg.weight_decay as f32
+                    } else {
+                        0.0
+                    },
+                    bc1: bc1 as f32,
+                    bc2: bc2 as f32,
                 },
-                bc1: bc1 as f32,
-                bc2: bc2 as f32,
                 nonfinite: &nonfinite,
             };
             var.as_tensor().inplace_op2(&dummy, &op)?;

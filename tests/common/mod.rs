@@ -130,3 +130,26 @@ pub fn write_train_eval(
     write_jsonl(&ep, eval);
     (tp, ep)
 }
+
+/// The largest |Δ| between the log-probs the sampler recorded for each sample's tokens and those
+/// of a fresh forward pass of `model` over prompt + sample (PPO's old vs new log-probs).
+pub fn sampler_vs_forward_logprobs(
+    model: &rlhf::model::CausalLm,
+    samples: &[rlhf::generate::Sample],
+) -> f32 {
+    let seqs: Vec<Vec<u32>> = samples
+        .iter()
+        .map(|s| s.prompt.iter().chain(&s.tokens).copied().collect())
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let starts: Vec<usize> = samples.iter().map(|s| s.prompt.len()).collect();
+    let (lp, _, _) = model
+        .completion_logprobs(&refs, &starts, rlhf::ops::default_path())
+        .unwrap();
+    let lp = lp.to_vec2::<f32>().unwrap();
+    samples
+        .iter()
+        .enumerate()
+        .map(|(n, s)| max_abs_diff(&lp[n][starts[n] - 1..seqs[n].len() - 1], &s.model_logprobs))
+        .fold(0.0, f32::max)
+}
