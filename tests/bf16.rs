@@ -192,7 +192,7 @@ fn bf16_decode_weights_round_only_the_weights() {
             let (x, w) = (mat(m, k), mat(n, k));
             let wt = candle_core::Tensor::from_vec(w.clone(), (n, k), &candle_core::Device::Cpu)
                 .unwrap();
-            let got = product_bf16_on(isa, &x, &Bf16Weights::from_tensor(&wt).unwrap(), m);
+            let got = product_bf16_on(isa, &x, Bf16Weights::from_tensor(&wt).unwrap().view(), m);
             let round = |v: f32| rlhf::ops::bf16::from_bf16(rlhf::ops::bf16::to_bf16(v)) as f64;
             for i in 0..m {
                 for j in 0..n {

@@ -11,6 +11,7 @@ mod checkpointing;
 mod cli_errors;
 mod convert;
 mod eval;
+mod frozen_storage;
 mod fused_ops;
 mod generate;
 mod grad;

@@ -117,7 +117,7 @@ pub fn comparison_logprobs(
     }
     // TRL's logits/* metric: the mean logit over completion tokens and vocabulary, which is
     // hidden · mean(W) — no [N, T, V] logits needed.
-    let w_mean = model.lm_head_weight().detach().mean(0)?;
+    let w_mean = ops::frozen::mean_rows(&model.lm_head_weight().detach())?;
     let mean_logit = hidden
         .detach()
         .broadcast_matmul(&w_mean.unsqueeze(1)?)?

@@ -119,6 +119,9 @@ pub struct BenchArgs {
     /// Recompute block activations in the backward pass (train and dpo).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Store the frozen base of a LoRA run in bf16 (`frozen_dtype = "bf16"`).
+    #[arg(long)]
+    pub frozen_bf16: bool,
 }
 
 const LR: f64 = 1e-5;
@@ -376,6 +379,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let lora = trainable && args.lora_r > 0;
     let bf16 = super::bf16_pays(args.bf16 && trainable);
     crate::ops::bf16::set_enabled(bf16)?;
+    crate::model::set_frozen_dtype(if args.frozen_bf16 {
+        crate::model::FrozenDtype::Bf16
+    } else {
+        crate::model::FrozenDtype::F32
+    });
     let t_build = Instant::now();
     let weights = random_weights(&cfg, args.seed)?;
     let mut model = CausalLm::from_weights(cfg.clone(), weights, trainable && !lora)?;
@@ -405,6 +413,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         String::new()
     } + if args.gradient_checkpointing {
         " ckpt"
+    } else {
+        ""
+    } + if args.frozen_bf16 && lora {
+        " frozen-bf16"
     } else {
         ""
     };
@@ -500,6 +512,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "bf16_decode_weights": decode16,
             "lora_r": if lora { args.lora_r } else { 0 },
             "gradient_checkpointing": args.gradient_checkpointing,
+            "frozen_bf16": args.frozen_bf16 && lora,
             "cpu": ops::cpu::cpu().model,
             "cpu_flags": ops::cpu::cpu().flags(),
             "kernels": ops::cpu::kernel_paths().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),

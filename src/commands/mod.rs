@@ -64,6 +64,7 @@ pub fn start_training(
         std::env::set_var("RAYON_NUM_THREADS", train.threads.to_string());
     }
     crate::ops::bf16::set_enabled(bf16_pays(train.bf16))?;
+    crate::model::set_frozen_dtype(train.frozen_dtype);
     let existing = match (args.resume, args.overwrite) {
         (true, _) => Existing::Resume,
         (false, true) => Existing::Replace,

@@ -121,9 +121,9 @@ impl Gpt2 {
             let full = format!("{prefix}{name}");
             let t = if is_conv1d(name) {
                 let stored = [shape[1], shape[0]];
-                w.take(&full, &stored)?.t()?.contiguous()?
+                w.take_stored(&full, &stored)?.t()?.contiguous()?
             } else {
-                w.take(&full, shape)?
+                w.take_stored(&full, shape)?
             };
             Ok(pc.add(&format!("transformer.{name}"), t)?)
         };
@@ -169,7 +169,7 @@ impl Gpt2 {
             w.remove("lm_head.weight");
             None
         } else {
-            let t = w.take("lm_head.weight", &[v, d])?;
+            let t = w.take_stored("lm_head.weight", &[v, d])?;
             Some(pc.add("lm_head.weight", t)?)
         };
         Ok(Gpt2 {
@@ -201,8 +201,9 @@ impl Gpt2 {
             );
         }
         let pos = Tensor::from_vec(pos, b * t, inp.ids.device())?;
-        let tok = self.wte.index_select(&inp.ids.flatten_all()?, 0)?;
-        let mut x = (tok + self.wpe.index_select(&pos, 0)?)?.reshape((b, t, d))?;
+        let tok = crate::ops::frozen::embedding_rows(&self.wte, &inp.ids.flatten_all()?)?;
+        let pos = crate::ops::frozen::embedding_rows(&self.wpe, &pos)?;
+        let mut x = (tok + pos)?.reshape((b, t, d))?;
         let shape = Shape {
             heads: h,
             head_dim: hd,

@@ -70,8 +70,11 @@ impl Linear {
             Some(w16) if rows <= skinny::MAX_ROWS && skinny::decoding() => {
                 skinny::matmul_t_bf16(&x2, w16)?
             }
-            // A frozen weight under an input that takes gradients: skip ∂L/∂W.
-            _ if !self.weight.track_op() && x2.track_op() => {
+            // A frozen weight under an input that takes gradients: skip ∂L/∂W; a bf16-stored
+            // one is widened block-wise inside the product.
+            _ if self.weight.dtype() == candle_core::DType::BF16
+                || (!self.weight.track_op() && x2.track_op()) =>
+            {
                 crate::ops::frozen::matmul_t(&x2, &self.weight, pass.path)?
             }
             _ => pass.path.matmul_t(&x2, &self.weight)?,

@@ -134,7 +134,7 @@ impl Llama {
             ""
         };
         let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = w.take(&format!("{prefix}{name}"), shape)?;
+            let t = w.take_stored(&format!("{prefix}{name}"), shape)?;
             Ok(pc.add(&format!("model.{name}"), t)?)
         };
         let embed = get("embed_tokens.weight", &[v, d])?;
@@ -183,7 +183,7 @@ impl Llama {
             w.remove("lm_head.weight");
             None
         } else {
-            let t = w.take("lm_head.weight", &[v, d])?;
+            let t = w.take_stored("lm_head.weight", &[v, d])?;
             Some(pc.add("lm_head.weight", t)?)
         };
         Ok(Llama {
@@ -212,9 +212,7 @@ impl Llama {
             eps: cfg.norm_eps,
             activation: cfg.activation,
         };
-        let mut x = self
-            .embed
-            .index_select(&inp.ids.flatten_all()?, 0)?
+        let mut x = ops::frozen::embedding_rows(&self.embed, &inp.ids.flatten_all()?)?
             .reshape((b, t, cfg.hidden_size))?;
         for (i, blk) in self.blocks.iter().enumerate() {
             x = if pass.checkpoint && cache.is_none() && blk.trains() {

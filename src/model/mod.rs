@@ -141,19 +141,52 @@ impl KvCache {
     }
 }
 
+/// How the weight matrices of a model that does not train are stored (`frozen_dtype`): a LoRA
+/// run's base, reference and reward models. bf16 halves their memory; products still run in f32
+/// on the exactly widened values (`ops::frozen`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrozenDtype {
+    /// bf16 where the checkpoint stores bf16 (lossless), else f32.
+    Auto,
+    /// bf16 always (rounds the frozen matrices of an f32 checkpoint).
+    Bf16,
+    /// f32 always.
+    F32,
+}
+
+static FROZEN_DTYPE: std::sync::Mutex<FrozenDtype> = std::sync::Mutex::new(FrozenDtype::Auto);
+
+/// Sets how models loaded from now on store their frozen matrices.
+pub fn set_frozen_dtype(d: FrozenDtype) {
+    *FROZEN_DTYPE.lock().unwrap_or_else(|e| e.into_inner()) = d;
+}
+
+pub fn frozen_dtype() -> FrozenDtype {
+    *FROZEN_DTYPE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Wraps weights as trainable variables (or leaves them as constants for inference, so that no
 /// autograd graph is kept) and remembers them by their transformers name.
 pub struct ParamCollector {
     trainable: bool,
+    frozen: FrozenDtype,
     params: Vec<(String, Var)>,
 }
 
 impl ParamCollector {
+    /// Takes a checkpoint tensor as stored (bf16 or f32): trainable weights and every vector
+    /// (norms, biases) become f32, frozen matrices are stored as `frozen_dtype` says.
     pub fn add(&mut self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        use candle_core::DType;
         if !self.trainable {
-            return Ok(t);
+            return match (t.rank(), self.frozen) {
+                (2, FrozenDtype::Auto) => Ok(t),
+                (2, FrozenDtype::Bf16) => t.to_dtype(DType::BF16),
+                _ => t.to_dtype(DType::F32),
+            };
         }
-        let var = Var::from_tensor(&t)?;
+        let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
         let out = var.as_tensor().clone();
         self.params.push((name.to_string(), var));
         Ok(out)
@@ -185,14 +218,22 @@ pub struct CausalLm {
 }
 
 impl CausalLm {
-    /// Builds the model from checkpoint tensors. With `trainable`, every weight becomes a `Var`.
-    pub fn from_weights(
+    /// Builds the model from checkpoint tensors. With `trainable`, every weight becomes a `Var`;
+    /// without, the matrices are stored as `set_frozen_dtype` last said.
+    pub fn from_weights(config: ModelConfig, weights: WeightMap, trainable: bool) -> Result<Self> {
+        Self::from_weights_as(config, weights, trainable, frozen_dtype())
+    }
+
+    /// `from_weights` with the frozen matrices' storage given.
+    pub fn from_weights_as(
         config: ModelConfig,
         mut weights: WeightMap,
         trainable: bool,
+        frozen: FrozenDtype,
     ) -> Result<Self> {
         let mut pc = ParamCollector {
             trainable,
+            frozen,
             params: vec![],
         };
         let score_head = weights.remove("score.weight");
@@ -416,6 +457,9 @@ impl CausalLm {
             Some(w16) if rows <= ops::skinny::MAX_ROWS && ops::skinny::decoding() => {
                 ops::skinny::matmul_t_bf16(&h, w16)?.reshape(out)
             }
+            _ if w.dtype() == candle_core::DType::BF16 => {
+                ops::frozen::matmul_t(&h, w, ops::default_path())?.reshape(out)
+            }
             _ => ops::default_path().matmul_t(&h, w)?.reshape(out),
         }
     }
@@ -427,8 +471,9 @@ impl CausalLm {
     /// fast kernel (AVX-512).
     pub fn use_bf16_decode_weights(&mut self, on: bool) -> Result<bool> {
         let on = on && ops::skinny::bf16_decode_available();
+        // A weight stored in bf16 is its own decode copy (`ops::frozen`).
         let make = |w: &Tensor| -> Result<Option<std::sync::Arc<ops::skinny::Bf16Weights>>> {
-            Ok(if on {
+            Ok(if on && w.dtype() == candle_core::DType::F32 {
                 Some(std::sync::Arc::new(ops::skinny::Bf16Weights::from_tensor(
                     w,
                 )?))

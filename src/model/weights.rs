@@ -1,5 +1,6 @@
-//! Named f32 tensors read from safetensors files (single or sharded), with the file each came from so
-//! that errors can name it.
+//! Named tensors read from safetensors files (single or sharded), with the file each came from so
+//! that errors can name it. bf16 tensors stay bf16 until a loader asks for them (f32, or as stored
+//! for a frozen weight); other dtypes become f32 as they are read.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -32,8 +33,13 @@ impl WeightMap {
         self.tensors.keys()
     }
 
-    /// Removes the tensor `name` and checks its shape.
+    /// Removes the tensor `name`, checks its shape, and gives it in f32.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        Ok(self.take_stored(name, shape)?.to_dtype(DType::F32)?)
+    }
+
+    /// Removes the tensor `name` and checks its shape; bf16 if the file stores it so, else f32.
+    pub fn take_stored(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some(nt) = self.tensors.remove(name) else {
             bail!("missing tensor `{name}` in the checkpoint");
         };
@@ -48,8 +54,13 @@ impl WeightMap {
         Ok(nt.tensor)
     }
 
+    /// Removes the tensor `name`, in f32.
     pub fn remove(&mut self, name: &str) -> Option<Tensor> {
-        self.tensors.remove(name).map(|nt| nt.tensor)
+        let t = self.tensors.remove(name)?.tensor;
+        Some(
+            t.to_dtype(DType::F32)
+                .expect("f32 widening of a CPU tensor"),
+        )
     }
 
     pub fn leftover(&self) -> Vec<String> {
@@ -65,7 +76,7 @@ impl WeightMap {
     }
 }
 
-/// Reads every tensor of one safetensors file, converting f16/bf16/f64 to f32.
+/// Reads every tensor of one safetensors file, converting f16/f64 to f32 (bf16 stays bf16).
 pub fn read_safetensors(path: &Path, into: &mut WeightMap) -> Result<()> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -88,8 +99,13 @@ pub fn read_safetensors(path: &Path, into: &mut WeightMap) -> Result<()> {
                 path.display()
             ),
         };
+        let keep = if dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let t = Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_dtype(keep))
             .with_context(|| format!("{}: cannot read tensor `{name}`", path.display()))?;
         into.insert(name, t, path.to_path_buf());
     }

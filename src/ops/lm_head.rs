@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor}
 use rayon::prelude::*;
 
 use super::simd;
+use super::skinny::Bf16View;
 
 /// Rows per chunk: a chunk's logits are ROWS × V floats (≈ 25 MB for V = 49k).
 const ROWS: usize = 128;
@@ -61,7 +62,11 @@ fn softmax_rows(logits: &mut [f32], vocab: usize) -> Vec<f32> {
         .collect()
 }
 
-struct LmHeadLogprobs;
+/// The op; a bf16 unembedding's forward keeps each row's log-sum-exp for the backward.
+#[derive(Default)]
+struct LmHeadLogprobs {
+    lse: std::sync::Mutex<Vec<f32>>,
+}
 
 impl CustomOp3 for LmHeadLogprobs {
     fn name(&self) -> &'static str {
@@ -78,13 +83,30 @@ impl CustomOp3 for LmHeadLogprobs {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let h = slice(s1, l1, "hidden")?;
-        let w = slice(s2, l2, "weight")?;
         let CpuStorage::U32(t) = s3 else {
             candle_core::bail!("lm_head_logprobs: targets must be u32")
         };
         let t = &t[l3.start_offset()..l3.start_offset() + l3.shape().elem_count()];
         let (n, d) = l1.shape().dims2()?;
         let (vocab, _) = l2.shape().dims2()?;
+        if let Some(&bad) = t.iter().find(|&&x| x as usize >= vocab) {
+            candle_core::bail!("lm_head_logprobs: target {bad} out of vocabulary {vocab}");
+        }
+        if let CpuStorage::BF16(wv) = s2 {
+            let Some((a, b)) = l2.contiguous_offsets() else {
+                candle_core::bail!("lm_head_logprobs: weight must be contiguous")
+            };
+            use half::slice::HalfFloatSliceExt;
+            let w = Bf16View {
+                data: wv[a..b].reinterpret_cast(),
+                n: vocab,
+                k: d,
+            };
+            let (out, lse) = bf16_forward(h, w, t, n);
+            *self.lse.lock().expect("lse lock") = lse;
+            return Ok((CpuStorage::F32(out), Shape::from(n)));
+        }
+        let w = slice(s2, l2, "weight")?;
         let mut out = vec![0f32; n];
         let mut buf = vec![0f32; ROWS.min(n) * vocab];
         for start in (0..n).step_by(ROWS) {
@@ -93,13 +115,7 @@ impl CustomOp3 for LmHeadLogprobs {
             chunk_logits(&h[start * d..(start + rows) * d], w, rows, vocab, d, logits);
             let mut chosen = Vec::with_capacity(rows);
             for r in 0..rows {
-                let target = t[start + r] as usize;
-                if target >= vocab {
-                    candle_core::bail!(
-                        "lm_head_logprobs: target {target} out of vocabulary {vocab}"
-                    );
-                }
-                chosen.push(logits[r * vocab + target]);
+                chosen.push(logits[r * vocab + t[start + r] as usize]);
             }
             for (r, lse) in softmax_rows(logits, vocab).into_iter().enumerate() {
                 out[start + r] = chosen[r] - lse;
@@ -120,6 +136,14 @@ impl CustomOp3 for LmHeadLogprobs {
         let (vocab, _) = w.dims2()?;
         let grad = grad.contiguous()?.to_vec1::<f32>()?;
         let targets = t.to_vec1::<u32>()?;
+        if w.dtype() == candle_core::DType::BF16 {
+            let lse = self.lse.lock().expect("lse lock");
+            let h = h.contiguous()?;
+            let dh = super::kernel::with_contiguous(&h, self.name(), |hv| {
+                super::frozen::with_bf16(w, |wv| Ok(bf16_backward(hv, wv, &targets, &grad, &lse)))
+            })?;
+            return Ok((Some(Tensor::from_vec(dh, (n, d), h.device())?), None, None));
+        }
         let mut dh = vec![0f32; n * d];
         // A frozen unembedding (LoRA's base, a reward model) takes no gradient: skip its GEMM.
         let need_dw = w.track_op();
@@ -215,6 +239,102 @@ pub fn lm_head_logprobs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> R
     hidden.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &targets.contiguous()?,
-        LmHeadLogprobs,
+        LmHeadLogprobs::default(),
     )
+}
+
+/// Vocabulary entries per widened block of a bf16 unembedding, and hidden rows per product.
+const VOCAB_BLOCK: usize = 2048;
+const BLOCK_ROWS: usize = 1024;
+
+/// The bf16 unembedding's forward, vocabulary blocks outermost so that each block is widened
+/// once: a running (max, Σ exp) per row gives its log-sum-exp. Returns (log p(target), lse).
+fn bf16_forward(h: &[f32], w: Bf16View, t: &[u32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let (vocab, d) = (w.n, w.k);
+    let mut stats = vec![(f32::NEG_INFINITY, 0f64); n];
+    let mut chosen = vec![0f32; n];
+    let vb = VOCAB_BLOCK.min(vocab);
+    let mut wbuf = vec![0f32; vb * d];
+    let mut buf = vec![0f32; BLOCK_ROWS.min(n) * vb];
+    for v0 in (0..vocab).step_by(vb) {
+        let nv = vb.min(vocab - v0);
+        super::frozen::widen_rows(w, v0, v0 + nv, &mut wbuf);
+        for r0 in (0..n).step_by(BLOCK_ROWS) {
+            let rows = BLOCK_ROWS.min(n - r0);
+            let logits = &mut buf[..rows * nv];
+            chunk_logits(&h[r0 * d..(r0 + rows) * d], &wbuf, rows, nv, d, logits);
+            logits
+                .par_chunks_mut(nv)
+                .zip(stats[r0..r0 + rows].par_iter_mut())
+                .zip(chosen[r0..r0 + rows].par_iter_mut())
+                .zip(&t[r0..r0 + rows])
+                .for_each(|(((row, (m, s)), c), &target)| {
+                    let target = target as usize;
+                    if (v0..v0 + nv).contains(&target) {
+                        *c = row[target - v0];
+                    }
+                    let (bm, bs) = simd::exp_max_sum(row);
+                    let new = m.max(bm);
+                    *s = *s * ((*m - new) as f64).exp() + bs * ((bm - new) as f64).exp();
+                    *m = new;
+                });
+        }
+    }
+    let lse: Vec<f32> = stats.iter().map(|&(m, s)| m + s.ln() as f32).collect();
+    let out = chosen.iter().zip(&lse).map(|(c, l)| c - l).collect();
+    (out, lse)
+}
+
+/// ∂/∂h of Σ grad[r]·log p(t_r) for a frozen bf16 unembedding, block by block of the vocabulary:
+/// dh += (onehot − softmax)·g · wblock.
+fn bf16_backward(h: &[f32], w: Bf16View, t: &[u32], grad: &[f32], lse: &[f32]) -> Vec<f32> {
+    let (vocab, d) = (w.n, w.k);
+    let n = lse.len();
+    let mut dh = vec![0f32; n * d];
+    let vb = VOCAB_BLOCK.min(vocab);
+    let mut wbuf = vec![0f32; vb * d];
+    let mut buf = vec![0f32; BLOCK_ROWS.min(n) * vb];
+    let par = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
+    for v0 in (0..vocab).step_by(vb) {
+        let nv = vb.min(vocab - v0);
+        super::frozen::widen_rows(w, v0, v0 + nv, &mut wbuf);
+        for r0 in (0..n).step_by(BLOCK_ROWS) {
+            let rows = BLOCK_ROWS.min(n - r0);
+            let dl = &mut buf[..rows * nv];
+            chunk_logits(&h[r0 * d..(r0 + rows) * d], &wbuf, rows, nv, d, dl);
+            dl.par_chunks_mut(nv).enumerate().for_each(|(r, row)| {
+                let (g, target) = (grad[r0 + r], t[r0 + r] as usize);
+                simd::exp_shifted(row, lse[r0 + r]);
+                row.iter_mut().for_each(|x| *x *= -g);
+                if (v0..v0 + nv).contains(&target) {
+                    row[target - v0] += g;
+                }
+            });
+            // SAFETY: dl is rows×nv, wbuf nv×d, dh's rows r0.. are rows×d.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    d,
+                    nv,
+                    dh[r0 * d..].as_mut_ptr(),
+                    1,
+                    d as isize,
+                    v0 > 0,
+                    dl.as_ptr(),
+                    1,
+                    nv as isize,
+                    wbuf.as_ptr(),
+                    1,
+                    d as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    par,
+                );
+            }
+        }
+    }
+    dh
 }

@@ -102,6 +102,14 @@ widest_fn! {
 }
 
 widest_fn! {
+    /// row ← exp(row − max(row)); returns (max, Σ row): one block of a row's log-sum-exp.
+    pub fn exp_max_sum(row: &mut [f32]) -> (f32, f64) {
+        let m = max(row);
+        (m, exp_shifted_sum(row, m))
+    }
+}
+
+widest_fn! {
     /// row ← exp(row − shift) in place.
     pub fn exp_shifted(row: &mut [f32], shift: f32) {
         row.iter_mut().for_each(|x| *x = exp(*x - shift));

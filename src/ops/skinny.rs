@@ -340,6 +340,22 @@ impl Bf16Weights {
     pub fn rows(&self) -> usize {
         self.n
     }
+
+    pub fn view(&self) -> Bf16View<'_> {
+        Bf16View {
+            data: &self.data,
+            n: self.n,
+            k: self.k,
+        }
+    }
+}
+
+/// A borrowed bf16 matrix [n, k] (a decode copy, or a frozen weight stored in bf16), as raw bits.
+#[derive(Clone, Copy)]
+pub struct Bf16View<'a> {
+    pub data: &'a [u16],
+    pub n: usize,
+    pub k: usize,
 }
 
 thread_local! {
@@ -464,7 +480,7 @@ unsafe fn columns_bf16(
 }
 
 /// x [m, k] · wᵀ with bf16 weights, on the given path (AVX-512, else the portable loops).
-pub fn product_bf16_on(isa: Isa, x: &[f32], w: &Bf16Weights, m: usize) -> Vec<f32> {
+pub fn product_bf16_on(isa: Isa, x: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
     let (n, k) = (w.n, w.k);
     assert!(x.len() >= m * k, "bf16 decode matmul: operand sizes");
     assert!(
@@ -481,15 +497,15 @@ pub fn product_bf16_on(isa: Isa, x: &[f32], w: &Bf16Weights, m: usize) -> Vec<f3
         unsafe {
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => columns_bf16_avx512(x, &w.data, m, k, n, j0, j1, ptr),
-                _ => columns_bf16(x, &w.data, m, k, n, j0, j1, ptr),
+                Isa::Avx512 => columns_bf16_avx512(x, w.data, m, k, n, j0, j1, ptr),
+                _ => columns_bf16(x, w.data, m, k, n, j0, j1, ptr),
             }
         }
     });
     out
 }
 
-struct SkinnyBf16<'a>(&'a Bf16Weights);
+struct SkinnyBf16<'a>(Bf16View<'a>);
 
 impl candle_core::CustomOp1 for SkinnyBf16<'_> {
     fn name(&self) -> &'static str {
@@ -507,12 +523,7 @@ impl candle_core::CustomOp1 for SkinnyBf16<'_> {
             )
         }
         let x = contiguous(s, l, self.name())?;
-        let isa = if bf16_decode_available() {
-            Isa::Avx512
-        } else {
-            Isa::Scalar
-        };
-        let out = product_bf16_on(isa, x, self.0, m);
+        let out = product_bf16(x, self.0, m);
         Ok((CpuStorage::F32(out), Shape::from((m, self.0.n))))
     }
 }
@@ -525,5 +536,20 @@ pub fn bf16_decode_available() -> bool {
 
 /// x [m, k] · wᵀ with the bf16 copy of w (m ≤ `MAX_ROWS`; no gradient).
 pub fn matmul_t_bf16(x: &Tensor, w: &Bf16Weights) -> Result<Tensor> {
+    matmul_t_bf16_view(x, w.view())
+}
+
+/// x [m, k] · wᵀ for a borrowed bf16 w (m ≤ `MAX_ROWS`; no gradient).
+pub fn matmul_t_bf16_view(x: &Tensor, w: Bf16View) -> Result<Tensor> {
     x.contiguous()?.detach().apply_op1_no_bwd(&SkinnyBf16(w))
+}
+
+/// The few-row product into a plain buffer, on the fastest path this CPU has.
+pub fn product_bf16(x: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
+    let isa = if bf16_decode_available() {
+        Isa::Avx512
+    } else {
+        Isa::Scalar
+    };
+    product_bf16_on(isa, x, w, m)
 }

@@ -48,6 +48,8 @@ pub struct TrainConfig {
     pub bf16: bool,
     /// Recompute each block's activations in the backward pass instead of keeping them.
     pub gradient_checkpointing: bool,
+    /// How the matrices of models that do not train are stored.
+    pub frozen_dtype: crate::model::FrozenDtype,
 }
 
 impl Default for TrainConfig {
@@ -77,6 +79,7 @@ impl Default for TrainConfig {
             threads: 0,
             bf16: false,
             gradient_checkpointing: false,
+            frozen_dtype: crate::model::FrozenDtype::Auto,
         }
     }
 }
@@ -147,6 +150,10 @@ impl Section for TrainConfig {
         KeyDoc::new(
             "gradient_checkpointing",
             "keep only each transformer block's input and recompute its activations in the backward pass: the same gradients, less memory, ~1/3 more compute",
+        ),
+        KeyDoc::new(
+            "frozen_dtype",
+            "storage of the weight matrices that do not train (a LoRA base, reference and reward models): \"auto\" keeps bf16 where the checkpoint stores bf16 (lossless) and f32 otherwise; \"bf16\" always (half the memory; rounds an f32 checkpoint's); \"f32\" always. Products run in f32 either way",
         ),
     ];
 }
