@@ -189,6 +189,18 @@ impl Checkpoint {
         Ok(ck)
     }
 
+    /// A checkpoint of this one's frozen base (LoRA adapters left out), sharing its weights.
+    pub fn sharing_base(&self) -> Result<Self> {
+        Ok(Checkpoint {
+            model: self.model.sharing_frozen_weights()?,
+            tokenizer: None,
+            generation_config: self.generation_config.clone(),
+            source: self.source.clone(),
+            base_name: self.base_name.clone(),
+            fresh_adapters: false,
+        })
+    }
+
     fn from_parts(p: Parts, trainable: bool) -> Result<Self> {
         let model = CausalLm::from_weights(p.config, p.weights, trainable)
             .with_context(|| format!("{}", p.source.display()))?;

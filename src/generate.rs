@@ -298,13 +298,42 @@ pub fn generate(
             m.push(1);
         }
         let position_ids: Vec<Vec<u32>> = active.iter().map(|&r| vec![next_pos[r]]).collect();
+        let max_before = active.iter().map(|&r| next_pos[r] - 1).max().unwrap_or(0);
         for &r in &active {
             next_pos[r] += 1;
+        }
+        let max_now = max_before + 1;
+        if model.rope_frequencies_change(max_before, max_now) {
+            // LongRoPE's first step past the original context: as transformers does, the cache
+            // (rotated with the short factors) is dropped and the whole sequence encoded again.
+            let full: Vec<Vec<u32>> = active
+                .iter()
+                .map(|&r| {
+                    let n = t0 - prompts[r].len();
+                    std::iter::repeat_n(pad, n)
+                        .chain(prompts[r].iter().copied())
+                        .chain(samples[r].tokens.iter().copied())
+                        .collect()
+                })
+                .collect();
+            cache = KvCache::new(mc.num_layers);
+            let inp = StepInputs::from_padded(mc, &full, &key_mask)?;
+            let hidden = model.forward_hidden(&inp, Some(&mut cache))?;
+            let t = full[0].len();
+            logits = model
+                .logits(&hidden.narrow(1, t - 1, 1)?)?
+                .squeeze(1)?
+                .to_vec2::<f32>()?;
+            continue;
         }
         let inp = StepInputs {
             ids: Tensor::from_vec(fed, (active.len(), 1), &Device::Cpu)?,
             position_ids,
-            attn_bias: ops::attention_bias(&key_mask, 1, mc.sliding_window)?,
+            attn_bias: ops::attention_bias(&key_mask, 1, mc.uniform_window())?,
+            local_attn_bias: mc
+                .mixed_window()
+                .map(|w| ops::attention_bias(&key_mask, 1, Some(w)))
+                .transpose()?,
             path: ops::default_path(),
         };
         let hidden = model.forward_hidden(&inp, Some(&mut cache))?;

@@ -81,6 +81,11 @@ impl Settings {
         &self.origin
     }
 
+    /// Whether the run's settings give `key` (rather than leaving it at its default).
+    pub fn is_given(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     /// The keys of section `T` (missing keys take the struct's defaults), with `~/` expanded in
     /// paths and required keys checked.
     pub fn section<T: Section>(&self) -> Result<T> {

@@ -73,7 +73,11 @@ fn bf16_losses_and_gradients_stay_within_bf16_rounding_on_every_family() {
                 g32.get(var.as_tensor()).unwrap(),
             );
             println!("{m}: {name} gradient relative error {e:.2e}");
-            assert!(e < 4e-2, "{m}: {name} bf16 gradient off by {e}");
+            // The Gemma 3 fixture ((1 + w) norms near 2, four per block, embeddings × √d) is the
+            // most bf16-sensitive: PyTorch's bf16 autocast on it is off by up to 1.0e-1 (8.5e-2
+            // on the embeddings; 2.4e-2 on llama-tied), measured once with a dev script.
+            let bound = if m == "gemma3" { 1e-1 } else { 4e-2 };
+            assert!(e < bound, "{m}: {name} bf16 gradient off by {e}");
         }
     }
 }

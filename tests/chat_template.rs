@@ -293,3 +293,44 @@ fn strftime_now_gives_the_year() {
     let out = render("{{ strftime_now('%d %b %Y') }}", &user("hi"), json!({})).unwrap();
     assert_eq!(out.len(), 11, "{out}");
 }
+
+/// The published chat templates of Qwen3, Gemma 2/3, Phi-3, Phi-4-mini and Llama 3.2 (their own
+/// bytes, tests/fixtures/chat-templates/README.md says from where) render as transformers'
+/// `apply_chat_template` does, raising where it raises (made by scripts/make_template_goldens.py).
+#[test]
+fn published_templates_of_the_new_families_render_as_transformers_does() {
+    let dir = crate::common::fixture("chat-templates");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for (name, entry) in golden.as_object().unwrap() {
+        let file = entry["template_file"].as_str().unwrap();
+        let source = std::fs::read_to_string(dir.join(file)).unwrap();
+        let template = ChatTemplate::new(
+            &source,
+            entry["bos_token"].as_str(),
+            entry["eos_token"].as_str(),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+        for case in entry["cases"].as_array().unwrap() {
+            let what = format!("{name} / {}", case["name"].as_str().unwrap());
+            let extra = case["extra"].as_object().cloned().unwrap_or_default();
+            let agp = case["add_generation_prompt"].as_bool().unwrap();
+            let got = template.render_with(&case["messages"], agp, &extra);
+            match case.get("error").and_then(Value::as_str) {
+                Some(err) => {
+                    let e = got.expect_err(&what).to_string();
+                    assert!(e.contains(err), "{what}: error `{e}` lacks `{err}`");
+                    assert!(!e.contains('\n'), "{what}: one line: {e}");
+                }
+                None => assert_eq!(
+                    got.unwrap_or_else(|e| panic!("{what}: {e}")),
+                    case["text"].as_str().unwrap(),
+                    "{what}"
+                ),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "{checked} cases");
+}

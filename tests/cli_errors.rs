@@ -285,3 +285,65 @@ fn a_qwen3_config_without_head_dim_or_with_sliding_windows_is_refused() {
         );
     }
 }
+
+#[test]
+fn bad_gemma_phi_and_rope_configs_are_one_line_errors() {
+    use serde_json::json;
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 8] = [
+        (
+            "gemma3",
+            |c| {
+                c.as_object_mut().unwrap().remove("head_dim");
+            },
+            "needs `head_dim`",
+        ),
+        (
+            "gemma2",
+            |c| c["layer_types"] = json!(["sliding_attention", "full_attention", "full_attention"]),
+            "`layer_types` has 3 entries for num_hidden_layers = 2",
+        ),
+        (
+            "gemma2",
+            |c| c["layer_types"] = json!(["sliding_attention", "global"]),
+            "neither",
+        ),
+        (
+            "gemma3",
+            |c| c["sliding_window_pattern"] = json!(0),
+            "sliding_window_pattern",
+        ),
+        (
+            "gemma2",
+            |c| c["use_bidirectional_attention"] = json!(true),
+            "use_bidirectional_attention",
+        ),
+        (
+            "phi3",
+            |c| c["rope_parameters"]["rope_type"] = json!("dynamic"),
+            "rope_scaling type `dynamic` is not supported",
+        ),
+        (
+            "phi3",
+            |c| c["rope_parameters"]["short_factor"] = json!([1.0, 1.0]),
+            "short_factor has 2 factors",
+        ),
+        (
+            "llama-tied",
+            |c| c["rope_scaling"] = json!("linear"),
+            "rope_scaling must be an object",
+        ),
+    ];
+    for (model, edit, needle) in cases {
+        let (_t, dir) = tmp_model(model);
+        let cfg_path = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        edit(&mut cfg);
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        expect_error(
+            &["logprobs", "--model", dir.to_str().unwrap(), "--ids", "1,2"],
+            &["config.json", needle],
+        );
+    }
+}

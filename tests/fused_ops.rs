@@ -217,17 +217,29 @@ fn fused_rope_matches_the_reference() {
 }
 
 /// Attention on strided views (as the projections produce them), grouped heads, left padding,
-/// more queries than one block, a window, and queries that see cached keys (S > T).
+/// more queries than one block, a window, queries that see cached keys (S > T), and Gemma 2's
+/// soft-capped scores.
 #[test]
 fn fused_attention_matches_the_reference() {
-    let cases: [(usize, usize, usize, usize, usize, Option<usize>); 4] = [
-        // (B, H, KV, T, S, window)
-        (2, 4, 2, 70, 70, None),
-        (3, 3, 1, 150, 150, Some(20)),
-        (2, 2, 2, 5, 12, None),
-        (2, 6, 3, 1, 9, None),
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        Option<usize>,
+        Option<f64>,
+    );
+    let cases: [Case; 6] = [
+        // (B, H, KV, T, S, window, softcap)
+        (2, 4, 2, 70, 70, None, None),
+        (3, 3, 1, 150, 150, Some(20), None),
+        (2, 2, 2, 5, 12, None, None),
+        (2, 6, 3, 1, 9, None, None),
+        (2, 4, 2, 70, 70, Some(9), Some(0.5)),
+        (2, 2, 1, 5, 12, None, Some(2.0)),
     ];
-    for (case, &(b, h, kv, t, s, window)) in cases.iter().enumerate() {
+    for (case, &(b, h, kv, t, s, window, cap)) in cases.iter().enumerate() {
         let hd = 8;
         // Projections' layout [B, T, heads, hd], seen as [B, heads, T, hd].
         let q = var(&[b, t, h, hd], 1.0);
@@ -242,8 +254,8 @@ fn fused_attention_matches_the_reference() {
         assert_same(
             &format!("attention case {case}"),
             &[&q, &k, &v],
-            ops::attention::attention(&qv, &kv_, &vv, &bias, 0.3).unwrap(),
-            ops::attention(&qv, &kv_, &vv, &bias, 0.3).unwrap(),
+            ops::attention::attention(&qv, &kv_, &vv, &bias, 0.3, cap).unwrap(),
+            ops::attention(&qv, &kv_, &vv, &bias, 0.3, cap).unwrap(),
         );
     }
 }

@@ -188,3 +188,16 @@ fn bad_generation_inputs_are_errors() {
     let e = generate(&ck.model, &[vec![1, 2]], &greedy(100)).unwrap_err();
     assert!(e.to_string().contains("positions"), "{e}");
 }
+
+/// Greedy decoding that crosses Phi-3's original context (32 tokens) mid-way: the step that
+/// crosses re-encodes the sequence with the long RoPE factors, as transformers does.
+#[test]
+fn phi3_greedy_generation_across_its_original_context_matches_transformers() {
+    let ck = Checkpoint::load(&model_path("phi3"), false).unwrap();
+    let g = golden("phi3");
+    let case = &g["long_greedy"][0];
+    let (prompt, want) = (ids(&case["prompt"]), ids(&case["new_ids"]));
+    assert!(prompt.len() < 32 && prompt.len() + want.len() > 33);
+    let got = generate(&ck.model, &[prompt], &greedy(want.len())).unwrap();
+    assert_eq!(got[0].tokens, want);
+}

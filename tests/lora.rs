@@ -544,3 +544,113 @@ fn a_peft_reward_model_adapter_gives_pefts_scores() {
     eprintln!("llama-rm-all: scores {got:?}, max |Δ| vs PEFT {d:.2e}");
     assert!(d < 1e-4, "{got:?} vs {:?}", g["scores"]);
 }
+
+/// Every family (the new ones too: Gemma's sandwich norms, Phi-3's packed qkv/gate_up): a fresh
+/// adapter with B perturbed gives the loss of the merged weights W' = W + s·B·A, and its
+/// gradients are the composed ones, dA = s·Bᵀ·dW' and dB = s·dW'·Aᵀ.
+#[test]
+fn fresh_adapters_on_every_family_have_the_composed_gradients() {
+    let lora = LoraConfig {
+        use_peft: true,
+        lora_r: 4,
+        ..LoraConfig::default()
+    };
+    for m in crate::common::MODELS {
+        let g = crate::common::golden(m);
+        let seqs: Vec<Vec<u32>> = (0..3).map(|i| ids(&g["single"][i]["ids"])).collect();
+        let ck = Checkpoint::load_for_lora(&model_path(m), &lora, 5).unwrap();
+        for (i, (n, v)) in ck.model.parameters().iter().enumerate() {
+            if n.ends_with("lora_B.weight") {
+                let mut r = crate::common::Lcg(i as u64 + 1);
+                let vals: Vec<f32> = (0..v.elem_count())
+                    .map(|_| (r.below(2001) as f32 / 1000.0 - 1.0) * 0.2)
+                    .collect();
+                v.set(&Tensor::from_vec(vals, v.dims(), v.device()).unwrap())
+                    .unwrap();
+            }
+        }
+        let (r, alpha, _, rslora) = ck.model.adapter_hparams();
+        let s = if rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        let loss = nll_loss(&ck, &seqs, OpsPath::Fast);
+        let grads = loss.backward().unwrap();
+        let merged = Checkpoint::load(&model_path(m), true).unwrap();
+        let by_name: HashMap<&str, &Var> = merged
+            .model
+            .parameters()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v))
+            .collect();
+        let adapters = ck.model.adapter_tensors();
+        for (module, a, b) in &adapters {
+            let w = by_name[format!("{module}.weight").as_str()];
+            let delta = (b.matmul(a).unwrap() * s).unwrap();
+            w.set(&(w.as_tensor() + delta).unwrap()).unwrap();
+        }
+        let merged_loss = nll_loss(&merged, &seqs, OpsPath::Fast);
+        let (l, lm) = (
+            loss.to_scalar::<f32>().unwrap(),
+            merged_loss.to_scalar::<f32>().unwrap(),
+        );
+        assert!(((l - lm) / lm).abs() < 1e-5, "{m}: loss {l} vs merged {lm}");
+        let merged_grads = merged_loss.backward().unwrap();
+        let param = |name: String| {
+            let v = &ck
+                .model
+                .parameters()
+                .iter()
+                .find(|(p, _)| *p == name)
+                .unwrap()
+                .1;
+            flat(grads.get(v.as_tensor()).unwrap())
+        };
+        let mut worst = 0f32;
+        for (module, a, b) in &adapters {
+            let dw = merged_grads
+                .get(by_name[format!("{module}.weight").as_str()].as_tensor())
+                .unwrap();
+            let want_da = (b.t().unwrap().matmul(dw).unwrap() * s).unwrap();
+            let want_db = (dw.matmul(&a.t().unwrap()).unwrap() * s).unwrap();
+            let p = format!("base_model.model.{module}");
+            worst = worst
+                .max(rel_l2(
+                    &param(format!("{p}.lora_A.weight")),
+                    &flat(&want_da),
+                ))
+                .max(rel_l2(
+                    &param(format!("{p}.lora_B.weight")),
+                    &flat(&want_db),
+                ));
+        }
+        eprintln!(
+            "{m}: {} adapters, composed-reference gradients worst rel-L2 {worst:.2e}",
+            adapters.len()
+        );
+        assert!(worst < 1e-4, "{m}: {worst}");
+    }
+}
+
+#[test]
+fn lora_keys_without_use_peft_are_pointed_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d.jsonl");
+    write_jsonl(&data, &text_records(4));
+    let out = tmp.path().join("full");
+    let o = sft_lora(
+        &out,
+        &data,
+        &model_path("llama-tied"),
+        &["use_peft=false", "max_steps=1"],
+    );
+    assert_ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("`lora_r` is set but use_peft = false"),
+        "{err}"
+    );
+    // A full run: the whole model is saved, no adapter.
+    assert!(out.join("model.safetensors").exists() && !out.join("adapter_config.json").exists());
+}

@@ -93,3 +93,32 @@ fn left_padded_batch_matches_transformers_and_single_rows() {
         }
     }
 }
+
+/// Phi-3's LongRoPE switches to its long factors for a forward call that reaches past
+/// `original_max_position_embeddings` (32 in the fixture): a 40-token sequence's log-probs.
+#[test]
+fn phi3_uses_its_long_rope_factors_past_the_original_context() {
+    let ck = Checkpoint::load(&model_path("phi3"), false).unwrap();
+    let g = golden("phi3");
+    let case = &g["long"][0];
+    let seq = ids(&case["ids"]);
+    assert!(seq.len() > 32);
+    let got = ck
+        .model
+        .sequence_logprobs(std::slice::from_ref(&seq))
+        .unwrap()
+        .remove(0);
+    let d = max_abs_diff(&got, &floats(&case["logprobs"]));
+    assert!(d < TOL, "phi3 long: max |Δ logprob| = {d}");
+    // The first 31 predictions of the same prefix alone use the short factors and differ.
+    let short = ck
+        .model
+        .sequence_logprobs(&[seq[..32].to_vec()])
+        .unwrap()
+        .remove(0);
+    let moved = max_abs_diff(&short, &got[..31]);
+    assert!(
+        moved > 1e-2,
+        "long and short factors give the same log-probs ({moved})"
+    );
+}

@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::model::lora::LoraConfig;
-use crate::settings::{KeyDoc, Settings};
+use crate::settings::{KeyDoc, Section, Settings};
 use crate::train::output_dir::{Existing, OutputDir};
 use crate::train::TrainConfig;
 
@@ -100,6 +100,16 @@ pub fn lora_settings(settings: &Settings) -> Result<LoraConfig> {
     if lora.use_peft {
         lora.validate()
             .with_context(|| settings.origin().to_string())?;
+    } else if let Some(k) = LoraConfig::KEYS
+        .iter()
+        .map(|d| d.key)
+        .find(|&k| k != "use_peft" && settings.is_given(k))
+    {
+        // TRL ignores LoRA keys without use_peft; say so rather than train every weight quietly.
+        eprintln!(
+            "note: {}: `{k}` is set but use_peft = false, so no adapter is used and every weight trains",
+            settings.origin()
+        );
     }
     Ok(lora)
 }

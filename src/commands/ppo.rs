@@ -98,8 +98,14 @@ fn load_reference_and_value(
         (true, true) => run.model.clone(),
     };
     let mut value = if lora.use_peft {
-        // Its own frozen copy of the body with a fresh adapter: no gradients or moments for it.
-        let mut v = Checkpoint::load(&value_source, false)?;
+        // A fresh adapter on a frozen body: the policy's own base when it is the same model (no
+        // second copy of the weights), else its own frozen copy.
+        let mut v = if value_source == run.model && policy.fresh_adapters {
+            eprintln!("value model: shares the policy's frozen base");
+            policy.sharing_base()?
+        } else {
+            Checkpoint::load(&value_source, false)?
+        };
         v.model.add_lora(lora, train.seed ^ 0x7661_6c75)?;
         v
     } else {

@@ -60,7 +60,7 @@ impl Block {
             Some((c, layer)) => c.append(layer, &k, &v)?,
             None => (k, v),
         };
-        let a = path.attention(&q, &k, &v, attn_bias, scale)?;
+        let a = path.attention(&q, &k, &v, attn_bias, scale, None)?;
         let x = (x + self.c_proj.forward(&a, pass)?)?;
         let hn = path.layer_norm(&x, &self.ln_2.weight, &self.ln_2.bias, s.eps)?;
         let m = path.activation(&self.c_fc.forward(&hn, pass)?, s.activation)?;
@@ -88,6 +88,7 @@ impl Block {
     }
 }
 
+#[derive(Clone)]
 pub struct Gpt2 {
     wte: Tensor,
     wpe: Tensor,

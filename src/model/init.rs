@@ -61,15 +61,24 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<WeightMap> {
             );
             for i in 0..cfg.num_layers {
                 let p = format!("model.layers.{i}");
-                let linears = [
-                    ("self_attn.q_proj", qd, d, cfg.qkv_bias),
-                    ("self_attn.k_proj", kvd, d, cfg.qkv_bias),
-                    ("self_attn.v_proj", kvd, d, cfg.qkv_bias),
-                    ("self_attn.o_proj", d, qd, cfg.o_bias),
-                    ("mlp.gate_proj", f, d, cfg.mlp_bias),
-                    ("mlp.up_proj", f, d, cfg.mlp_bias),
-                    ("mlp.down_proj", d, f, cfg.mlp_bias),
-                ];
+                let linears: Vec<(&str, usize, usize, bool)> = if cfg.packed_projections {
+                    vec![
+                        ("self_attn.qkv_proj", qd + 2 * kvd, d, cfg.qkv_bias),
+                        ("self_attn.o_proj", d, qd, cfg.o_bias),
+                        ("mlp.gate_up_proj", 2 * f, d, cfg.mlp_bias),
+                        ("mlp.down_proj", d, f, cfg.mlp_bias),
+                    ]
+                } else {
+                    vec![
+                        ("self_attn.q_proj", qd, d, cfg.qkv_bias),
+                        ("self_attn.k_proj", kvd, d, cfg.qkv_bias),
+                        ("self_attn.v_proj", kvd, d, cfg.qkv_bias),
+                        ("self_attn.o_proj", d, qd, cfg.o_bias),
+                        ("mlp.gate_proj", f, d, cfg.mlp_bias),
+                        ("mlp.up_proj", f, d, cfg.mlp_bias),
+                        ("mlp.down_proj", d, f, cfg.mlp_bias),
+                    ]
+                };
                 for (name, out, inp, bias) in linears {
                     put(
                         &mut map,
@@ -80,20 +89,27 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<WeightMap> {
                         put(&mut map, format!("{p}.{name}.bias"), filled(&[out], 0.0)?);
                     }
                 }
-                for norm in ["input_layernorm", "post_attention_layernorm"] {
-                    put(&mut map, format!("{p}.{norm}.weight"), filled(&[d], 1.0)?);
+                // A unit norm: w = 1, or w = 0 where the norm scales by (1 + w) (Gemma).
+                let unit = 1.0 - cfg.norm_weight_offset;
+                let mut norms = vec!["input_layernorm", "post_attention_layernorm"];
+                if cfg.sandwich_norms {
+                    norms.extend(["pre_feedforward_layernorm", "post_feedforward_layernorm"]);
+                }
+                for norm in norms {
+                    put(&mut map, format!("{p}.{norm}.weight"), filled(&[d], unit)?);
                 }
                 if cfg.qk_norm {
                     for norm in ["q_norm", "k_norm"] {
                         put(
                             &mut map,
                             format!("{p}.self_attn.{norm}.weight"),
-                            filled(&[cfg.head_dim], 1.0)?,
+                            filled(&[cfg.head_dim], unit)?,
                         );
                     }
                 }
             }
-            put(&mut map, "model.norm.weight".into(), filled(&[d], 1.0)?);
+            let unit = 1.0 - cfg.norm_weight_offset;
+            put(&mut map, "model.norm.weight".into(), filled(&[d], unit)?);
         }
         Family::Gpt2 => {
             let npos = cfg.max_position_embeddings;
@@ -213,6 +229,15 @@ mod tests {
         assert_eq!(logits.dims(), &[1, 3, cfg.vocab_size]);
         let sum = logits.abs().unwrap().sum_all().unwrap();
         assert!(sum.to_scalar::<f32>().unwrap().is_finite());
+    }
+
+    #[test]
+    fn every_llama_variant_builds_with_its_parameter_count() {
+        for m in ["gemma2", "gemma3", "phi3", "qwen3", "llama3.2-tied"] {
+            let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/fixtures/models/{m}/config.json"));
+            check_builds(ModelConfig::from_file(&p).unwrap());
+        }
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct StepInputs {
     pub ids: Tensor,
     pub position_ids: Vec<Vec<u32>>,
     pub attn_bias: Tensor,
+    /// The bias of the sliding layers when only some layers slide (Gemma); else `attn_bias`
+    /// (with the window when every layer slides) serves all.
+    pub local_attn_bias: Option<Tensor>,
     /// Fused kernels or the composed reference (`RLHF_OPS`, default fused).
     pub path: ops::OpsPath,
 }
@@ -65,7 +68,11 @@ impl StepInputs {
         Ok(StepInputs {
             ids: Tensor::from_vec(flat, (ids.len(), t), &candle_core::Device::Cpu)?,
             position_ids: ops::position_ids_from_mask(mask),
-            attn_bias: ops::attention_bias(mask, t, cfg.sliding_window)?,
+            attn_bias: ops::attention_bias(mask, t, cfg.uniform_window())?,
+            local_attn_bias: cfg
+                .mixed_window()
+                .map(|w| ops::attention_bias(mask, t, Some(w)))
+                .transpose()?,
             path: ops::default_path(),
         })
     }
@@ -85,7 +92,11 @@ impl StepInputs {
         Ok(StepInputs {
             ids: Tensor::from_vec(flat, (ids.len(), t), &candle_core::Device::Cpu)?,
             position_ids: ops::segment_position_ids(segments),
-            attn_bias: ops::segment_attention_bias(segments, cfg.sliding_window)?,
+            attn_bias: ops::segment_attention_bias(segments, cfg.uniform_window())?,
+            local_attn_bias: cfg
+                .mixed_window()
+                .map(|w| ops::segment_attention_bias(segments, Some(w)))
+                .transpose()?,
             path: ops::default_path(),
         })
     }
@@ -193,6 +204,7 @@ impl ParamCollector {
     }
 }
 
+#[derive(Clone)]
 enum Body {
     Llama(llama::Llama),
     Gpt2(gpt2::Gpt2),
@@ -407,6 +419,38 @@ impl CausalLm {
         f()
     }
 
+    /// A second model on this one's frozen weights, without its adapters: the tensors share their
+    /// storage, so it costs no weight memory (PPO's value model on a LoRA policy's base).
+    pub fn sharing_frozen_weights(&self) -> Result<CausalLm> {
+        if self
+            .params
+            .iter()
+            .any(|(n, _)| !n.starts_with("base_model.model."))
+        {
+            bail!("only a frozen base (a LoRA model's) can be shared");
+        }
+        let mut body = self.body.clone();
+        let linears = match &mut body {
+            Body::Llama(m) => m.linears_mut(),
+            Body::Gpt2(m) => m.linears_mut(),
+        };
+        for l in linears {
+            l.lora = None;
+            l.decode = None;
+        }
+        Ok(CausalLm {
+            config: self.config.clone(),
+            body,
+            params: vec![],
+            unused_tensors: vec![],
+            score_head: self.score_head.clone(),
+            lm_head_decode: None,
+            adapters: lora::AdapterSwitch::default(),
+            adapter_hparams: None,
+            checkpointing: Default::default(),
+        })
+    }
+
     /// Drops an untied LM head (and its parameter): a reward or value model never uses it.
     pub fn drop_lm_head(&mut self) {
         match &mut self.body {
@@ -436,6 +480,15 @@ impl CausalLm {
         }
     }
 
+    /// Whether a forward call reaching position `now` rotates with other frequencies than one that
+    /// reached `before` (LongRoPE crossing its original context).
+    pub fn rope_frequencies_change(&self, before: u32, now: u32) -> bool {
+        match &self.body {
+            Body::Llama(m) => m.rope_frequencies_change(before, now),
+            Body::Gpt2(_) => false,
+        }
+    }
+
     /// The unembedding matrix [V, D] (the input embedding when tied).
     pub fn lm_head_weight(&self) -> &Tensor {
         match &self.body {
@@ -453,15 +506,20 @@ impl CausalLm {
         let mut out = dims;
         *out.last_mut().unwrap() = w.dim(0)?;
         let h = hidden.reshape((rows, d))?;
-        match &self.lm_head_decode {
+        let logits = match &self.lm_head_decode {
             Some(w16) if rows <= ops::skinny::MAX_ROWS && ops::skinny::decoding() => {
-                ops::skinny::matmul_t_bf16(&h, w16)?.reshape(out)
+                ops::skinny::matmul_t_bf16(&h, w16)?
             }
             _ if w.dtype() == candle_core::DType::BF16 => {
-                ops::frozen::matmul_t(&h, w, ops::default_path())?.reshape(out)
+                ops::frozen::matmul_t(&h, w, ops::default_path())?
             }
-            _ => ops::default_path().matmul_t(&h, w)?.reshape(out),
-        }
+            _ => ops::default_path().matmul_t(&h, w)?,
+        };
+        let logits = match self.config.final_softcap {
+            Some(c) => ((logits / c)?.tanh()? * c)?,
+            None => logits,
+        };
+        logits.reshape(out)
     }
 
     /// Makes (or drops) frozen bf16 copies of every projection and of the unembedding, which the
@@ -498,10 +556,11 @@ impl CausalLm {
     ) -> candle_core::Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         match path {
-            ops::OpsPath::Fast => ops::lm_head::lm_head_logprobs(
+            ops::OpsPath::Fast => ops::lm_head::lm_head_logprobs_capped(
                 &hidden.reshape((b * t, d))?,
                 self.lm_head_weight(),
                 &targets.flatten_all()?,
+                self.config.final_softcap,
             )?
             .reshape((b, t)),
             ops::OpsPath::Reference => ops::gather_logprobs(&self.logits(hidden)?, targets),

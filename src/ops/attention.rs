@@ -7,6 +7,8 @@
 //! Forward, per block:  S = scale·Q Kᵀ + bias,  P = softmax(S),  O = P V,  keep lse = log Σ exp S.
 //! Backward, recomputing P = exp(S − lse):
 //!   dV += Pᵀ dO,  dP = dO Vᵀ,  dS = P ⊙ (dP − rowsum(dO ⊙ O)),  dQ = scale·dS K,  dK += scale·dSᵀ Q.
+//! With Gemma 2's soft-capping, S = c·tanh(scale·Q Kᵀ / c) + bias, and dS is multiplied by the
+//! cap's slope 1 − tanh² before it reaches Q and K.
 
 use std::sync::Mutex;
 
@@ -108,7 +110,8 @@ fn query_block(bias: &[f32], dims: Dims, bi: usize, q0: usize) -> (usize, &[f32]
     (rows, bias_rows, lo, end - lo)
 }
 
-/// Scores of one block, into `p` [rows, n]: scale·Q Kᵀ + bias over keys lo..lo+n.
+/// Scores of one block, into `p` [rows, n]: scale·Q Kᵀ (soft-capped: c·tanh(·/c), the tanh kept
+/// in `tanh_out` for the backward) + bias over keys lo..lo+n.
 #[allow(clippy::too_many_arguments)]
 fn block_scores(
     p: &mut [f32],
@@ -119,6 +122,7 @@ fn block_scores(
     (b, h, kvh, q0, rows): (usize, usize, usize, usize, usize),
     (lo, n): (usize, usize),
     scale: f32,
+    softcap: Option<(f32, &mut [f32])>,
 ) {
     // SAFETY: p holds rows×n; q and k views cover the requested rows.
     unsafe {
@@ -134,6 +138,12 @@ fn block_scores(
             scale,
         );
     }
+    if let Some((cap, tanh_out)) = softcap {
+        for (x, t) in p[..rows * n].iter_mut().zip(tanh_out.iter_mut()) {
+            *t = simd::tanh(*x / cap);
+            *x = cap * *t;
+        }
+    }
     for (r, row) in p[..rows * n].chunks_exact_mut(n).enumerate() {
         let bias = &bias_rows[r * dims.s + lo..r * dims.s + lo + n];
         row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
@@ -143,6 +153,7 @@ fn block_scores(
 struct Attention {
     bias: Tensor,
     scale: f32,
+    softcap: Option<f32>,
     /// log Σ exp(scores) per (b, h, query), saved by the forward for the backward.
     lse: Mutex<Vec<f32>>,
 }
@@ -198,6 +209,14 @@ impl CustomOp3 for Attention {
             (0..b * kv).into_par_iter().for_each(|task| {
                 let (bi, kvh) = (task / kv, task % kv);
                 let mut p = vec![0f32; BLOCK.min(t) * s];
+                let mut tanh = vec![
+                    0f32;
+                    if self.softcap.is_some() {
+                        BLOCK.min(t) * s
+                    } else {
+                        0
+                    }
+                ];
                 for hi in kvh * group..(kvh + 1) * group {
                     for q0 in (0..t).step_by(BLOCK) {
                         let (rows, bias_rows, lo, n) = query_block(bias, dims, bi, q0);
@@ -205,7 +224,18 @@ impl CustomOp3 for Attention {
                             continue; // every key hidden: output 0 (the masks never do this)
                         }
                         let at = (bi, hi, kvh, q0, rows);
-                        block_scores(&mut p, &q, &k, bias_rows, dims, at, (lo, n), self.scale);
+                        let cap = self.softcap.map(|c| (c, tanh.as_mut_slice()));
+                        block_scores(
+                            &mut p,
+                            &q,
+                            &k,
+                            bias_rows,
+                            dims,
+                            at,
+                            (lo, n),
+                            self.scale,
+                            cap,
+                        );
                         for (r, row) in p[..rows * n].chunks_exact_mut(n).enumerate() {
                             let (max, sum) = simd::softmax_in_place(row);
                             // SAFETY: (bi, hi, q0 + r) is written by this task only.
@@ -316,6 +346,14 @@ impl Attention {
             let (bi, kvh) = (task / kv, task % kv);
             let mut p = vec![0f32; BLOCK.min(t) * s];
             let mut dp = vec![0f32; BLOCK.min(t) * s];
+            let mut tanh = vec![
+                0f32;
+                if self.softcap.is_some() {
+                    BLOCK.min(t) * s
+                } else {
+                    0
+                }
+            ];
             // This task's rows of dK and dV: [S, hd] at row stride KV·hd.
             let kv_row0 = (bi * s * kv + kvh) * hd;
             for hi in kvh * group..(kvh + 1) * group {
@@ -333,6 +371,7 @@ impl Attention {
                         (bi, hi, kvh, q0, rows),
                         (lo, n),
                         scale,
+                        self.softcap.map(|c| (c, tanh.as_mut_slice())),
                     );
                     let row_of = |r: usize| ((bi * t + q0 + r) * h + hi) * hd;
                     for (r, row) in p[..rows * n].chunks_exact_mut(n).enumerate() {
@@ -389,6 +428,10 @@ impl Attention {
                         dr.iter_mut()
                             .zip(pr)
                             .for_each(|(d, p)| *d = p * (*d - delta));
+                        if self.softcap.is_some() {
+                            let tr = &tanh[r * n..(r + 1) * n];
+                            dr.iter_mut().zip(tr).for_each(|(d, t)| *d *= 1.0 - t * t);
+                        }
                     }
                     // SAFETY: as above.
                     unsafe {
@@ -445,10 +488,18 @@ fn rows_contiguous(x: &Tensor) -> Result<Tensor> {
 
 /// Fused `ops::attention`: q [B, H, T, hd], k and v [B, KV, S, hd] (any strides with contiguous
 /// rows, e.g. transposed views of the projections), bias [B, 1, T, S] → [B, T, H·hd].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let op = Attention {
         bias: bias.contiguous()?.detach(),
         scale: scale as f32,
+        softcap: softcap.map(|c| c as f32),
         lse: Mutex::new(vec![]),
     };
     rows_contiguous(q)?.apply_op3(&rows_contiguous(k)?, &rows_contiguous(v)?, op)

@@ -2,6 +2,8 @@
 //! in chunks of rows so that the [N, V] logits (V ≈ 50k) never exist at once — in the forward or
 //! in the backward, which recomputes each chunk's logits instead of storing them.
 //! The composed reference is `logits → ops::gather_logprobs`; tests check the two agree.
+//! Gemma's final soft-capping, z = c·tanh(h·w / c), happens on each chunk's logits, and its slope
+//! 1 − (z/c)² multiplies the logits' gradient in the backward.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -65,7 +67,28 @@ fn softmax_rows(logits: &mut [f32], vocab: usize) -> Vec<f32> {
 /// The op; a bf16 unembedding's forward keeps each row's log-sum-exp for the backward.
 #[derive(Default)]
 struct LmHeadLogprobs {
+    softcap: Option<f32>,
     lse: std::sync::Mutex<Vec<f32>>,
+}
+
+/// logits ← c·tanh(logits / c) in place; with `slope`, also its derivative 1 − tanh² there.
+fn soft_cap(logits: &mut [f32], cap: Option<f32>, slope: Option<&mut [f32]>) {
+    let Some(c) = cap else { return };
+    match slope {
+        Some(slope) => logits
+            .par_chunks_mut(1 << 12)
+            .zip(slope.par_chunks_mut(1 << 12))
+            .for_each(|(z, s)| {
+                for (z, s) in z.iter_mut().zip(s) {
+                    let t = simd::tanh(*z / c);
+                    *z = c * t;
+                    *s = 1.0 - t * t;
+                }
+            }),
+        None => logits.par_chunks_mut(1 << 12).for_each(|z| {
+            z.iter_mut().for_each(|z| *z = c * simd::tanh(*z / c));
+        }),
+    }
 }
 
 impl CustomOp3 for LmHeadLogprobs {
@@ -102,7 +125,7 @@ impl CustomOp3 for LmHeadLogprobs {
                 n: vocab,
                 k: d,
             };
-            let (out, lse) = bf16_forward(h, w, t, n);
+            let (out, lse) = bf16_forward(h, w, t, n, self.softcap);
             *self.lse.lock().expect("lse lock") = lse;
             return Ok((CpuStorage::F32(out), Shape::from(n)));
         }
@@ -113,6 +136,7 @@ impl CustomOp3 for LmHeadLogprobs {
             let rows = ROWS.min(n - start);
             let logits = &mut buf[..rows * vocab];
             chunk_logits(&h[start * d..(start + rows) * d], w, rows, vocab, d, logits);
+            soft_cap(logits, self.softcap, None);
             let mut chosen = Vec::with_capacity(rows);
             for r in 0..rows {
                 chosen.push(logits[r * vocab + t[start + r] as usize]);
@@ -140,7 +164,10 @@ impl CustomOp3 for LmHeadLogprobs {
             let lse = self.lse.lock().expect("lse lock");
             let h = h.contiguous()?;
             let dh = super::kernel::with_contiguous(&h, self.name(), |hv| {
-                super::frozen::with_bf16(w, |wv| Ok(bf16_backward(hv, wv, &targets, &grad, &lse)))
+                super::frozen::with_bf16(w, |wv| {
+                    let g = (&targets[..], &grad[..]);
+                    Ok(bf16_backward(hv, wv, g, &lse, self.softcap))
+                })
             })?;
             return Ok((Some(Tensor::from_vec(dh, (n, d), h.device())?), None, None));
         }
@@ -156,11 +183,19 @@ impl CustomOp3 for LmHeadLogprobs {
             };
             let (hv, wv) = (slice(hc, hl, "hidden")?, slice(wc, wl, "weight")?);
             let mut buf = vec![0f32; ROWS.min(n) * vocab];
+            let cap_len = if self.softcap.is_some() { buf.len() } else { 0 };
+            let mut slope_buf = vec![0f32; cap_len];
             for start in (0..n).step_by(ROWS) {
                 let rows = ROWS.min(n - start);
                 let hc = &hv[start * d..(start + rows) * d];
                 let dl = &mut buf[..rows * vocab];
                 chunk_logits(hc, wv, rows, vocab, d, dl);
+                let capped = self.softcap.is_some();
+                soft_cap(
+                    dl,
+                    self.softcap,
+                    capped.then(|| &mut slope_buf[..rows * vocab]),
+                );
                 softmax_rows(dl, vocab);
                 // d log p(t) / d logits = onehot(t) − softmax, scaled by the incoming gradient.
                 for r in 0..rows {
@@ -168,6 +203,12 @@ impl CustomOp3 for LmHeadLogprobs {
                     let row = &mut dl[r * vocab..(r + 1) * vocab];
                     row.iter_mut().for_each(|x| *x *= -g);
                     row[targets[start + r] as usize] += g;
+                }
+                if capped {
+                    let slope = &slope_buf[..rows * vocab];
+                    dl.par_chunks_mut(1 << 12)
+                        .zip(slope.par_chunks(1 << 12))
+                        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d *= s));
                 }
                 let par = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
                 // SAFETY: extents as in chunk_logits; dh chunk is rows×d, dw is vocab×d.
@@ -236,10 +277,23 @@ impl CustomOp3 for LmHeadLogprobs {
 /// log p(targets[i]) under softmax(hidden[i] · weightᵀ): hidden [N, D], weight [V, D], targets [N]
 /// (u32) → [N]. Differentiable in hidden and weight.
 pub fn lm_head_logprobs(hidden: &Tensor, weight: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    lm_head_logprobs_capped(hidden, weight, targets, None)
+}
+
+/// `lm_head_logprobs` with the logits soft-capped to c·tanh(·/c) first (Gemma 2).
+pub fn lm_head_logprobs_capped(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     hidden.contiguous()?.apply_op3(
         &weight.contiguous()?,
         &targets.contiguous()?,
-        LmHeadLogprobs::default(),
+        LmHeadLogprobs {
+            softcap: softcap.map(|c| c as f32),
+            ..Default::default()
+        },
     )
 }
 
@@ -249,7 +303,13 @@ const BLOCK_ROWS: usize = 1024;
 
 /// The bf16 unembedding's forward, vocabulary blocks outermost so that each block is widened
 /// once: a running (max, Σ exp) per row gives its log-sum-exp. Returns (log p(target), lse).
-fn bf16_forward(h: &[f32], w: Bf16View, t: &[u32], n: usize) -> (Vec<f32>, Vec<f32>) {
+fn bf16_forward(
+    h: &[f32],
+    w: Bf16View,
+    t: &[u32],
+    n: usize,
+    softcap: Option<f32>,
+) -> (Vec<f32>, Vec<f32>) {
     let (vocab, d) = (w.n, w.k);
     let mut stats = vec![(f32::NEG_INFINITY, 0f64); n];
     let mut chosen = vec![0f32; n];
@@ -263,6 +323,7 @@ fn bf16_forward(h: &[f32], w: Bf16View, t: &[u32], n: usize) -> (Vec<f32>, Vec<f
             let rows = BLOCK_ROWS.min(n - r0);
             let logits = &mut buf[..rows * nv];
             chunk_logits(&h[r0 * d..(r0 + rows) * d], &wbuf, rows, nv, d, logits);
+            soft_cap(logits, softcap, None);
             logits
                 .par_chunks_mut(nv)
                 .zip(stats[r0..r0 + rows].par_iter_mut())
@@ -287,13 +348,20 @@ fn bf16_forward(h: &[f32], w: Bf16View, t: &[u32], n: usize) -> (Vec<f32>, Vec<f
 
 /// ∂/∂h of Σ grad[r]·log p(t_r) for a frozen bf16 unembedding, block by block of the vocabulary:
 /// dh += (onehot − softmax)·g · wblock.
-fn bf16_backward(h: &[f32], w: Bf16View, t: &[u32], grad: &[f32], lse: &[f32]) -> Vec<f32> {
+fn bf16_backward(
+    h: &[f32],
+    w: Bf16View,
+    (t, grad): (&[u32], &[f32]),
+    lse: &[f32],
+    softcap: Option<f32>,
+) -> Vec<f32> {
     let (vocab, d) = (w.n, w.k);
     let n = lse.len();
     let mut dh = vec![0f32; n * d];
     let vb = VOCAB_BLOCK.min(vocab);
     let mut wbuf = vec![0f32; vb * d];
     let mut buf = vec![0f32; BLOCK_ROWS.min(n) * vb];
+    let mut slope = vec![0f32; if softcap.is_some() { buf.len() } else { 0 }];
     let par = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
     for v0 in (0..vocab).step_by(vb) {
         let nv = vb.min(vocab - v0);
@@ -302,6 +370,7 @@ fn bf16_backward(h: &[f32], w: Bf16View, t: &[u32], grad: &[f32], lse: &[f32]) -
             let rows = BLOCK_ROWS.min(n - r0);
             let dl = &mut buf[..rows * nv];
             chunk_logits(&h[r0 * d..(r0 + rows) * d], &wbuf, rows, nv, d, dl);
+            soft_cap(dl, softcap, softcap.map(|_| &mut slope[..rows * nv]));
             dl.par_chunks_mut(nv).enumerate().for_each(|(r, row)| {
                 let (g, target) = (grad[r0 + r], t[r0 + r] as usize);
                 simd::exp_shifted(row, lse[r0 + r]);
@@ -310,6 +379,11 @@ fn bf16_backward(h: &[f32], w: Bf16View, t: &[u32], grad: &[f32], lse: &[f32]) -
                     row[target - v0] += g;
                 }
             });
+            if softcap.is_some() {
+                dl.par_chunks_mut(1 << 12)
+                    .zip(slope[..rows * nv].par_chunks(1 << 12))
+                    .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d *= s));
+            }
             // SAFETY: dl is rows×nv, wbuf nv×d, dh's rows r0.. are rows×d.
             unsafe {
                 gemm::gemm(

@@ -78,6 +78,7 @@ impl OpsPath {
         }
     }
 
+    /// Attention with scores scale·q·kᵀ, soft-capped to c·tanh(·/c) when `softcap` is given.
     pub fn attention(
         self,
         q: &Tensor,
@@ -85,11 +86,12 @@ impl OpsPath {
         v: &Tensor,
         bias: &Tensor,
         scale: f64,
+        softcap: Option<f64>,
     ) -> Result<Tensor> {
         if self.fused(q) {
-            attention::attention(q, k, v, bias, scale)
+            attention::attention(q, k, v, bias, scale, softcap)
         } else {
-            attention(q, k, v, bias, scale)
+            attention(q, k, v, bias, scale, softcap)
         }
     }
 
@@ -238,14 +240,24 @@ pub fn rope_tables(inv_freq: &[f32], position_ids: &[Vec<u32>]) -> Result<(Tenso
 
 /// Causal self-attention with an additive bias (padding, causality, windows) for grouped-query heads.
 /// `q`: [B, H, T, hd], `k`, `v`: [B, KV, S, hd], `bias`: [B, 1, T, S]. Returns [B, T, H·hd].
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (b, h, t, hd) = q.dims4()?;
     let (_, kv, s, _) = k.dims4()?;
     let group = h / kv;
     // Heads that share a kv head are stacked along the query axis: no copy of k or v.
     let q = q.contiguous()?.reshape((b, kv, group * t, hd))?;
     let (k, v) = (k.contiguous()?, v.contiguous()?);
-    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let mut scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(c) = softcap {
+        scores = ((scores / c)?.tanh()? * c)?;
+    }
     let scores = scores.reshape((b, h, t, s))?.broadcast_add(bias)?;
     let probs = softmax_last(&scores)?.reshape((b, kv, group * t, s))?;
     let out = probs.matmul(&v)?.reshape((b, h, t, hd))?;

@@ -29,6 +29,9 @@ pub const MODELS: &[&str] = &[
     "llama-gguf",
     "qwen3",
     "llama3.2-tied",
+    "gemma2",
+    "gemma3",
+    "phi3",
 ];
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
