@@ -7,6 +7,8 @@
 #   generate-smollm2  sampling, SmolLM2-135M, 16 prompts of 32 tokens (on average) x 64 new tokens
 #   dpo-smollm2       one DPO step, SmolLM2-135M, 4 chosen + 4 rejected sequences of 256 tokens
 #   train-smollm2-ckpt  train-smollm2 with gradient checkpointing on both sides
+#   *-lora-frozen16    the same with the frozen base stored in bf16 (rlhf --frozen-bf16; PyTorch
+#                      loads the base in bf16 before PEFT wraps it, the usual PEFT set-up)
 #   dpo-qwen05b-lora / dpo-qwen15b-lora  a LoRA DPO step (r 16 on all linear layers, PEFT on the
 #                     PyTorch side), Qwen2.5-0.5B / -1.5B shapes, 4 + 4 x 512 tokens, gradient
 #                     checkpointing on both sides (not in the default list: ~10 and ~25 minutes)
@@ -211,8 +213,9 @@ workload_args() {
     train-smollm2-ckpt) echo "--workload train --arch smollm2 --batch 8 --seq 256 --gradient-checkpointing" ;;
     dpo-qwen05b-lora) echo "--workload dpo --arch qwen2.5-0.5b --batch 4 --seq 512 --lora-r 16 --gradient-checkpointing" ;;
     dpo-qwen15b-lora) echo "--workload dpo --arch qwen2.5-1.5b --batch 4 --seq 512 --lora-r 16 --gradient-checkpointing" ;;
+    *-frozen16)       echo "$(workload_args "${1%-frozen16}") --frozen-bf16" ;;
     *-bf16)           echo "$(workload_args "${1%-bf16}") --bf16" ;;
-    *) echo "unknown workload '$1' (known: train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2, the train/dpo ones with -bf16; train-smollm2-ckpt dpo-qwen05b-lora dpo-qwen15b-lora)" >&2; exit 2 ;;
+    *) echo "unknown workload '$1' (known: train-smollm2 train-gpt2 generate-smollm2 dpo-smollm2, the train/dpo ones with -bf16; train-smollm2-ckpt dpo-qwen05b-lora dpo-qwen15b-lora, the lora ones with -frozen16)" >&2; exit 2 ;;
   esac
 }
 

@@ -235,6 +235,8 @@ def main():
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for train and dpo")
     ap.add_argument("--lora-r", type=int, default=0, help="PEFT LoRA of this rank (0: full)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--frozen-bf16", action="store_true",
+                    help="load the LoRA base in bf16 (the usual PEFT set-up; adapters stay f32)")
     a = ap.parse_args()
 
     torch.manual_seed(a.seed)
@@ -247,6 +249,8 @@ def main():
     if a.workload != "generate" and a.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
+        if a.frozen_bf16:
+            model = model.to(torch.bfloat16)
         model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r,
                                                  lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
@@ -313,6 +317,7 @@ def main():
                 "torch": torch.__version__,
                 "bf16": a.bf16,
                 "lora_r": a.lora_r,
+                "frozen_bf16": a.frozen_bf16,
                 "gradient_checkpointing": a.gradient_checkpointing,
             }
         ),
