@@ -58,8 +58,9 @@ def response_logprobs(model, seqs, mask, start):
 
 
 def values(model, seqs, mask, start):
-    h = model.model(input_ids=seqs, attention_mask=mask).last_hidden_state[:, start - 1:-1]
-    return model.score(h).float()[..., 0]
+    base = model.get_base_model()  # the *ForSequenceClassification model under the adapter
+    h = base.model(input_ids=seqs, attention_mask=mask).last_hidden_state[:, start - 1:-1]
+    return base.score(h).float()[..., 0]
 
 
 def main():

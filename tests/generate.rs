@@ -201,3 +201,20 @@ fn phi3_greedy_generation_across_its_original_context_matches_transformers() {
     let got = generate(&ck.model, &[prompt], &greedy(want.len())).unwrap();
     assert_eq!(got[0].tokens, want);
 }
+
+/// The KV cache keeps no autograd graph: a LoRA policy's keys (computed from trainable adapters)
+/// would otherwise hold every decoding step's activations and every earlier cache alive (a PPO
+/// iteration at the Qwen2.5-0.5B shape peaked at 8.9 GB instead of 5.1 GB).
+#[test]
+fn the_kv_cache_holds_no_graph() {
+    use candle_core::{Device, Tensor, Var};
+    let w = Var::from_vec(vec![0.5f32; 8], (1, 1, 2, 4), &Device::Cpu).unwrap();
+    let ones = Tensor::ones((1, 1, 2, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let k = (ones * w.as_tensor()).unwrap();
+    assert!(k.track_op());
+    let mut cache = rlhf::model::KvCache::new(1);
+    for _ in 0..2 {
+        let (ck, cv) = cache.append(0, &k, &k).unwrap();
+        assert!(!ck.track_op() && !cv.track_op());
+    }
+}

@@ -134,9 +134,12 @@ impl KvCache {
         k: &Tensor,
         v: &Tensor,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        // Detached: the cache serves sampling only, and a trainable model's (a LoRA policy's)
+        // keys would otherwise keep every step's graph — and every earlier cache — alive.
+        let (k, v) = (k.detach(), v.detach());
         let (k, v) = match &self.layers[layer] {
             None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (Tensor::cat(&[pk, k], 2)?, Tensor::cat(&[pv, v], 2)?),
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))
