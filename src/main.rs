@@ -45,6 +45,9 @@ enum Command {
     Dpo(commands::TrainArgs),
     /// RLHF with PPO (per-token KL to the reference, PPO-ptx); `rlhf ppo --help` lists every key.
     Ppo(commands::TrainArgs),
+    /// Critic-free online RL: GRPO, RLOO or REINFORCE++ over groups of responses scored by reward
+    /// functions; `rlhf grpo --help` lists every key.
+    Grpo(commands::TrainArgs),
     /// Sample from policies, judge them, report reward, win rate, KL, perplexity and cloze accuracy; `rlhf eval --help` lists every key.
     Eval(commands::eval::EvalArgs),
     /// Redraw the charts of an `rlhf eval` report from its results.json (nothing is sampled again).
@@ -90,6 +93,7 @@ fn main() {
         .mut_subcommand("rm", |c| c.after_help(commands::rm::help_text()))
         .mut_subcommand("dpo", |c| c.after_help(commands::dpo::help_text()))
         .mut_subcommand("ppo", |c| c.after_help(commands::ppo::help_text()))
+        .mut_subcommand("grpo", |c| c.after_help(commands::grpo::help_text()))
         .mut_subcommand("eval", |c| c.after_help(commands::eval::help_text()))
         .get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -103,6 +107,7 @@ fn main() {
         Command::Score(a) => commands::score::run(a),
         Command::Dpo(a) => commands::dpo::run(a),
         Command::Ppo(a) => commands::ppo::run(a),
+        Command::Grpo(a) => commands::grpo::run(a),
         Command::Eval(a) => commands::eval::run(a),
         Command::Plot(a) => commands::eval::plot(a),
         Command::Preferences(a) => commands::preferences::run(a),

@@ -15,6 +15,7 @@ mod frozen_storage;
 mod fused_ops;
 mod generate;
 mod grad;
+mod grpo;
 mod lora;
 mod metrics;
 mod output_dir;

@@ -174,6 +174,7 @@ impl PpoConfig {
         Ok(LoopConfig {
             iterations,
             episodes,
+            group_size: 1,
             epochs: self.num_ppo_epochs,
             minibatch,
             micro_batch,
@@ -408,6 +409,7 @@ impl Objective for Ppo {
                 ("objective/rlhf_reward".into(), mean(&rlhf)),
                 ("beta".into(), beta),
             ],
+            excluded: vec![],
         })
     }
 
@@ -586,6 +588,7 @@ mod tests {
             stopped: vec![true, false],
             entropies: vec![0.0, 0.0],
             scores: vec![1.0, 0.25],
+            score_components: vec![],
             mask: t([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]]),
             old_logp: t([[0.0, -1.0, -2.0, -0.5], [0.0, 0.0, -1.5, -0.25]]),
             ref_logp: Some(t([[0.0, -1.2, -1.5, -0.5], [0.0, 0.0, -1.0, -0.75]])),

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod dpo;
 pub mod eval;
 pub mod generate;
+pub mod grpo;
 pub mod logprobs;
 pub mod ppo;
 pub mod preferences;

@@ -41,6 +41,9 @@ pub struct Advantages {
     pub advantages: Tensor,
     pub returns: Option<Tensor>,
     pub metrics: Vec<(String, f64)>,
+    /// Episodes the loss leaves out entirely (GRPO's `mask_truncated_completions`): their tokens
+    /// are masked and not counted in the normalisers.
+    pub excluded: Vec<bool>,
 }
 
 /// One micro-batch of an update: rows of the rollout, cut to the micro-batch's width, with the
@@ -56,6 +59,8 @@ pub struct MicroBatch {
     pub old_values: Option<Tensor>,
     /// Response tokens in the whole minibatch (the normaliser that makes accumulation exact).
     pub minibatch_tokens: usize,
+    /// Episodes in the whole minibatch (GRPO's per-response normalisers).
+    pub minibatch_episodes: usize,
 }
 
 /// What an online-RL algorithm brings to the loop.
@@ -88,6 +93,8 @@ pub struct LoopConfig<'a> {
     pub iterations: u64,
     /// Episodes per iteration (the rollout batch).
     pub episodes: usize,
+    /// Responses sampled per chosen prompt, consecutive in the rollout (GRPO's G; PPO: 1).
+    pub group_size: usize,
     /// Passes over each rollout.
     pub epochs: usize,
     /// Episodes per optimizer step.
@@ -292,7 +299,16 @@ impl<'a> Looping<'a> {
     /// Phase 1. Prompt order and sampling noise depend only on (seed, iteration).
     fn collect(&self, objective: &dyn Objective, run: &mut Run) -> Result<Rollout> {
         let it = self.state.step;
-        let chosen = step_examples(run.prompts.len(), self.cfg.episodes, self.train.seed, it);
+        let g = self.cfg.group_size.max(1);
+        let chosen: Vec<usize> = step_examples(
+            run.prompts.len(),
+            self.cfg.episodes / g,
+            self.train.seed,
+            it,
+        )
+        .into_iter()
+        .flat_map(|i| std::iter::repeat_n(i, g))
+        .collect();
         let sampling = SamplingConfig {
             seed: self.train.seed.wrapping_mul(1_000_003).wrapping_add(it),
             ..self.cfg.sampling.clone()
@@ -332,7 +348,13 @@ impl<'a> Looping<'a> {
             rng.set_stream(it * cfg.epochs as u64 + epoch as u64);
             order.shuffle(&mut rng);
             for (mb_index, minibatch) in order.chunks(cfg.minibatch).enumerate() {
-                let tokens: usize = minibatch.iter().map(|&n| rollout.response_len(n)).sum();
+                let kept = |n: &&usize| !adv.excluded.get(**n).copied().unwrap_or(false);
+                let tokens: usize = minibatch
+                    .iter()
+                    .filter(kept)
+                    .map(|&n| rollout.response_len(n))
+                    .sum();
+                let episodes = minibatch.iter().filter(kept).count();
                 let mut update_stats: Vec<(String, f64)> = Vec::new();
                 for (k, part) in minibatch.chunks(cfg.micro_batch).enumerate() {
                     let seed = mix_seed(self.train.seed, position, k as u64);
@@ -342,9 +364,9 @@ impl<'a> Looping<'a> {
                             .policy
                             .with_adapter_dropout(seed, || match &models.value {
                                 Some(v) => v.body.with_adapter_dropout(seed ^ 1, || {
-                                    micro_batch(models, rollout, adv, part, tokens)
+                                    micro_batch(models, rollout, adv, part, (tokens, episodes))
                                 }),
-                                None => micro_batch(models, rollout, adv, part, tokens),
+                                None => micro_batch(models, rollout, adv, part, (tokens, episodes)),
                             })?;
                     if epoch == 0 && mb_index == 0 {
                         // The sampler's log-probs are the old policy's: before any update the
@@ -593,16 +615,28 @@ fn micro_batch(
     rollout: &Rollout,
     adv: &Advantages,
     part: &[usize],
-    minibatch_tokens: usize,
+    (minibatch_tokens, minibatch_episodes): (usize, usize),
 ) -> Result<MicroBatch> {
     let seqs: Vec<&[u32]> = part
         .iter()
         .map(|&n| rollout.sequences[n].as_slice())
         .collect();
     let starts: Vec<usize> = part.iter().map(|&n| rollout.prompt_lens[n]).collect();
-    let (logp, mask, _) = models
-        .policy
-        .completion_logprobs(&seqs, &starts, ops::default_path())?;
+    let (logp, mut mask, _) =
+        models
+            .policy
+            .completion_logprobs(&seqs, &starts, ops::default_path())?;
+    if part
+        .iter()
+        .any(|&n| adv.excluded.get(n).copied().unwrap_or(false))
+    {
+        let keep: Vec<f32> = part
+            .iter()
+            .map(|&n| f32::from(u8::from(!adv.excluded.get(n).copied().unwrap_or(false))))
+            .collect();
+        let keep = Tensor::from_vec(keep, (part.len(), 1), mask.device())?;
+        mask = mask.broadcast_mul(&keep)?;
+    }
     let width = logp.dim(1)?;
     let pick = |t: &Tensor| Rollout::select(t, part, width);
     let pick_opt = |t: &Option<Tensor>| t.as_ref().map(pick).transpose();
@@ -616,6 +650,7 @@ fn micro_batch(
         logp,
         mask,
         minibatch_tokens,
+        minibatch_episodes,
     })
 }
 

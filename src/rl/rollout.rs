@@ -48,6 +48,8 @@ pub struct Rollout {
     pub entropies: Vec<f64>,
     /// The reward source's scores, as returned.
     pub scores: Vec<f32>,
+    /// Each reward function's mean score over the batch, when the source is a sum of them.
+    pub score_components: Vec<(String, f64)>,
     /// [N, W]: 1 on response tokens.
     pub mask: Tensor,
     /// log π_old of each response token (the sampler's, i.e. the policy's before the update).
@@ -129,6 +131,7 @@ pub fn collect(
             .collect(),
         texts,
         scores,
+        score_components: with.reward.components(),
         mask: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
         old_logp: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
         ref_logp: None,

@@ -1,0 +1,212 @@
+//! `rlhf grpo` end to end on the tiny fixture model: groups of G responses per prompt, reward
+//! functions (a rule, an external program), TRL's metric names, the first update's ratio of 1,
+//! bit-identical resume, and bad reward programs named in one line.
+
+use crate::common::*;
+use serde_json::json;
+use std::path::Path;
+
+fn prompts_file(dir: &Path, n: usize) -> std::path::PathBuf {
+    let mut rng = Lcg(11);
+    let words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far"];
+    let lines: Vec<serde_json::Value> = (0..n)
+        .map(|_| {
+            let p: Vec<&str> = (0..3).map(|_| words[rng.below(words.len())]).collect();
+            json!({"prompt": p.join(" ")})
+        })
+        .collect();
+    let p = dir.join("prompts.jsonl");
+    write_jsonl(&p, &lines);
+    p
+}
+
+fn grpo_with(flags: &[&str], dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
+    let mut sets = vec![
+        format!("model=\"{}\"", model_path("llama-tied")),
+        format!("prompt_file=\"{}\"", prompts.display()),
+        format!("output_dir=\"{}\"", dir.display()),
+        "reward_funcs=[\"rule:ids:100-160\"]".into(),
+        "num_generations=4".into(),
+        "max_completion_length=8".into(),
+        "learning_rate=3e-3".into(),
+        "lr_scheduler_type=\"constant\"".into(),
+        "per_device_train_batch_size=16".into(),
+        "save_steps=0".into(),
+        "logging_steps=1".into(),
+    ];
+    sets.extend(extra.iter().map(|e| e.to_string()));
+    let mut command = vec!["grpo"];
+    command.extend_from_slice(flags);
+    run_with_sets(&command, &sets)
+}
+
+fn series(dir: &Path, key: &str) -> Vec<f64> {
+    read_jsonl(&dir.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m.get(key).and_then(|v| v.as_f64()))
+        .collect()
+}
+
+fn avg(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+#[test]
+fn grpo_and_rloo_raise_a_rule_reward_with_trls_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 32);
+    for (advantage, beta) in [("grpo", "0.0"), ("rloo", "0.05")] {
+        let out = tmp.path().join(advantage);
+        let o = grpo_with(
+            &[],
+            &out,
+            &prompts,
+            &[
+                &format!("advantage=\"{advantage}\""),
+                &format!("beta={beta}"),
+                "max_steps=48",
+                "learning_rate=5e-3",
+            ],
+        );
+        assert_ok(&o);
+        let reward = series(&out, "reward");
+        assert_eq!(reward.len(), 48);
+        let (start, end) = (avg(&reward[..6]), avg(&reward[42..]));
+        println!("{advantage}: reward {start:.3} → {end:.3}");
+        assert!(
+            end > start + 0.1,
+            "{advantage}: reward did not rise: {start} → {end}"
+        );
+        let ratio = series(&out, "val/first_ratio_max_abs_log");
+        assert!(
+            ratio.iter().all(|&r| r < 1e-4),
+            "first-update ratio off: {ratio:?}"
+        );
+        let mut keys = vec![
+            "reward",
+            "reward_std",
+            "rewards/rule/mean",
+            "frac_reward_zero_std",
+            "completions/mean_length",
+            "completions/clipped_ratio",
+            "entropy",
+            "clip_ratio/low_mean",
+            "clip_ratio/high_mean",
+            "loss",
+        ];
+        if beta != "0.0" {
+            keys.push("kl");
+        }
+        for key in keys {
+            assert!(
+                !series(&out, key).is_empty(),
+                "{advantage}: {key} not logged"
+            );
+        }
+        assert!(out.join("model.safetensors").exists());
+    }
+}
+
+#[test]
+fn a_resumed_grpo_run_ends_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 8);
+    let settings = [
+        "max_steps=4",
+        "num_iterations=2",
+        "per_device_train_batch_size=4",
+        "gradient_accumulation_steps=2",
+        "beta=0.1",
+        "save_steps=2",
+        "save_total_limit=10",
+    ];
+    let full = tmp.path().join("full");
+    assert_ok(&grpo_with(&[], &full, &prompts, &settings));
+    // A copy of the run as it was after iteration 2 (of 4), then resumed.
+    let part = tmp.path().join("part");
+    std::fs::create_dir_all(part.join("checkpoints")).unwrap();
+    for entry in std::fs::read_dir(full.join("checkpoints")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with("00000002") {
+            let dst = part.join("checkpoints").join(&name);
+            std::fs::create_dir(&dst).unwrap();
+            for f in std::fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+    let resumed = grpo_with(&["--resume"], &part, &prompts, &settings);
+    assert_ok(&resumed);
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
+    let a = std::fs::read(full.join("model.safetensors")).unwrap();
+    let b = std::fs::read(part.join("model.safetensors")).unwrap();
+    assert!(a == b, "resumed GRPO run ended with different weights");
+}
+
+#[test]
+fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 8);
+    let script = tmp.path().join("reward.sh");
+    // Reward 1 for every answer: every group has zero reward spread.
+    std::fs::write(
+        &script,
+        "while read -r line; do echo '{\"reward\": 1.0}'; done\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("ok");
+    let o = grpo_with(
+        &[],
+        &out,
+        &prompts,
+        &[
+            &format!(
+                "reward_funcs=[\"exec:sh {}\", \"think_format\"]",
+                script.display()
+            ),
+            "reward_weights=[2.0, 1.0]",
+            "max_steps=2",
+            "per_device_train_batch_size=8",
+        ],
+    );
+    assert_ok(&o);
+    assert_eq!(series(&out, "rewards/exec/mean"), vec![1.0, 1.0]);
+    assert_eq!(series(&out, "rewards/think_format/mean"), vec![0.0, 0.0]);
+    assert_eq!(series(&out, "reward"), vec![2.0, 2.0]);
+    assert_eq!(series(&out, "frac_reward_zero_std"), vec![1.0, 1.0]);
+
+    let bad = tmp.path().join("bad.sh");
+    std::fs::write(&bad, "read -r line; echo 'not json'\n").unwrap();
+    let out = tmp.path().join("bad");
+    let o = grpo_with(
+        &[],
+        &out,
+        &prompts,
+        &[
+            &format!("reward_funcs=[\"exec:sh {}\"]", bad.display()),
+            "max_steps=1",
+            "per_device_train_batch_size=8",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("exec:sh") && last.contains("answer 1 is not JSON"),
+        "{err}"
+    );
+    assert!(!out.join("model.safetensors").exists());
+
+    // A batch that is not whole groups is refused before any work.
+    let out = tmp.path().join("groups");
+    let o = grpo_with(
+        &[],
+        &out,
+        &prompts,
+        &["per_device_train_batch_size=6", "max_steps=1"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of num_generations"));
+}
