@@ -149,24 +149,35 @@ fn a_resumed_grpo_run_ends_bit_identical() {
 fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let prompts = prompts_file(tmp.path(), 8);
+    // The same prompts with an extra column, which reward functions see.
+    let with_answers = tmp.path().join("with-answers.jsonl");
+    let records: Vec<serde_json::Value> = read_jsonl(&prompts)
+        .into_iter()
+        .map(|mut r| {
+            r["answer"] = json!("7");
+            r
+        })
+        .collect();
+    write_jsonl(&with_answers, &records);
     let script = tmp.path().join("reward.sh");
-    // Reward 1 for every answer: every group has zero reward spread.
+    // Reward 1 when the program is given the record's answer column: every group then has zero
+    // reward spread.
     std::fs::write(
         &script,
-        "while read -r line; do echo '{\"reward\": 1.0}'; done\n",
+        "while read -r line; do case \"$line\" in *'\"answer\":\"7\"'*) echo '{\"reward\": 1.0}';; *) echo '{\"reward\": 0}';; esac; done\n",
     )
     .unwrap();
     let out = tmp.path().join("ok");
     let o = grpo_with(
         &[],
         &out,
-        &prompts,
+        &with_answers,
         &[
             &format!(
-                "reward_funcs=[\"exec:sh {}\", \"think_format\"]",
+                "reward_funcs=[\"exec:sh {}\", \"think_format\", \"accuracy\"]",
                 script.display()
             ),
-            "reward_weights=[2.0, 1.0]",
+            "reward_weights=[2.0, 1.0, 0.0]",
             "max_steps=2",
             "per_device_train_batch_size=8",
         ],
@@ -174,6 +185,7 @@ fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line()
     assert_ok(&o);
     assert_eq!(series(&out, "rewards/exec/mean"), vec![1.0, 1.0]);
     assert_eq!(series(&out, "rewards/think_format/mean"), vec![0.0, 0.0]);
+    assert_eq!(series(&out, "rewards/accuracy/mean").len(), 2);
     assert_eq!(series(&out, "reward"), vec![2.0, 2.0]);
     assert_eq!(series(&out, "frac_reward_zero_std"), vec![1.0, 1.0]);
 
@@ -198,6 +210,21 @@ fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line()
         "{err}"
     );
     assert!(!out.join("model.safetensors").exists());
+
+    // accuracy on prompts without the column: named, not scored as 0.
+    let out = tmp.path().join("nocol");
+    let o = grpo_with(
+        &[],
+        &out,
+        &prompts,
+        &[
+            "reward_funcs=[\"accuracy\"]",
+            "max_steps=1",
+            "per_device_train_batch_size=8",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no `answer` column"));
 
     // A batch that is not whole groups is refused before any work.
     let out = tmp.path().join("groups");

@@ -90,6 +90,7 @@ pub fn rank_samples(
             .iter()
             .zip(&texts)
             .map(|(b, t)| Episode {
+                columns: None,
                 prompt_ids: &ids[n],
                 response_ids: b,
                 prompt_text: p,

@@ -1,4 +1,5 @@
-//! Prompt sets for sampling (PPO rollouts, evaluation): `{"prompt": text or messages}`.
+//! Prompt sets for sampling (PPO and GRPO rollouts, evaluation): `{"prompt": text or messages}`,
+//! with any other columns (e.g. a verifiable task's `answer`) kept for the reward functions.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
@@ -7,10 +8,12 @@ use std::path::Path;
 use crate::text::render_chat;
 use crate::text::Tokenizer;
 
-/// A prompt as token ids and as text (what text-based reward sources see).
+/// A prompt as token ids and as text (what text-based reward sources see), and the record's
+/// other columns.
 pub struct Prompt {
     pub ids: Vec<u32>,
     pub text: String,
+    pub columns: serde_json::Map<String, Value>,
 }
 
 /// Prompt ids and text; long prompts keep their end. Returns the prompts and how many were cut.
@@ -53,7 +56,9 @@ pub fn read_prompts(
             ids.drain(..ids.len() - max_len);
             truncated += 1;
         }
-        out.push(Prompt { ids, text });
+        let mut columns = rec.as_object().cloned().unwrap_or_default();
+        columns.remove("prompt");
+        out.push(Prompt { ids, text, columns });
     }
     Ok((out, truncated))
 }

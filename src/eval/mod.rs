@@ -413,6 +413,7 @@ impl Bench<'_> {
             .zip(self.prompts)
             .zip(bodies.iter().zip(&texts))
             .map(|((s, p), (b, t))| Episode {
+                columns: None,
                 prompt_ids: &s.prompt,
                 response_ids: b,
                 prompt_text: &p.text,

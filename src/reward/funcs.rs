@@ -1,6 +1,6 @@
 //! Reward functions written as code, for GRPO-style runs (`reward_funcs`, `reward_weights`):
-//! verifiable checks of the response's form, DAPO's soft over-length penalty, an external program
-//! that answers JSON lines, and their weighted sum. Each is a [`RewardSource`], as VADER, rules
+//! a verifiable answer against a dataset column, checks of the response's form, DAPO's soft
+//! over-length penalty, an external program that answers JSON lines, and their weighted sum. Each is a [`RewardSource`], as VADER, rules
 //! and reward models are.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -11,6 +11,97 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use super::{Episode, RewardSource};
+
+/// 1 when the response's final answer equals the prompt record's `column` (numerically when both
+/// are numbers, else as trimmed text), else 0. The final answer is what `<answer>…</answer>`
+/// holds, else the last `\boxed{…}`, else what follows GSM8K's `####`, else the last number.
+pub struct Accuracy {
+    column: String,
+}
+
+impl Accuracy {
+    pub fn new(column: &str) -> Self {
+        Accuracy {
+            column: column.to_string(),
+        }
+    }
+}
+
+/// The final answer of a response (see [`Accuracy`]); None when it has none.
+pub fn final_answer(text: &str) -> Option<String> {
+    let between = |open: &str, close: &str| -> Option<String> {
+        let start = text.rfind(open)? + open.len();
+        let end = text[start..].find(close)? + start;
+        Some(text[start..end].trim().to_string())
+    };
+    if let Some(a) = between("<answer>", "</answer>") {
+        return Some(a);
+    }
+    if let Some(a) = between("\\boxed{", "}") {
+        return Some(a);
+    }
+    if let Some(i) = text.rfind("####") {
+        return Some(text[i + 4..].trim().to_string());
+    }
+    static NUMBER: std::sync::OnceLock<Regex> = std::sync::OnceLock::new();
+    let number =
+        NUMBER.get_or_init(|| Regex::new(r"-?\d[\d,]*(?:\.\d+)?").expect("a valid pattern"));
+    number
+        .find_iter(text)
+        .last()
+        .map(|m| m.as_str().to_string())
+}
+
+fn as_number(s: &str) -> Option<f64> {
+    let cleaned: String = s
+        .trim()
+        .trim_end_matches('.')
+        .chars()
+        .filter(|c| !matches!(c, ',' | '$' | ' '))
+        .collect();
+    cleaned.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
+/// Whether a response's answer matches the reference answer.
+pub fn answers_match(got: &str, want: &str) -> bool {
+    match (as_number(got), as_number(want)) {
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+        _ => got.trim() == want.trim(),
+    }
+}
+
+impl RewardSource for Accuracy {
+    fn describe(&self) -> String {
+        format!(
+            "accuracy (1 if the final answer equals the `{}` column)",
+            self.column
+        )
+    }
+
+    fn score(&mut self, episodes: &[Episode]) -> Result<Vec<f32>> {
+        episodes
+            .iter()
+            .map(|e| {
+                let want = e
+                    .columns
+                    .and_then(|c| c.get(&self.column))
+                    .with_context(|| {
+                        format!(
+                            "accuracy: the prompt record has no `{}` column (prompt: {:?})",
+                            self.column,
+                            e.prompt_text.chars().take(60).collect::<String>()
+                        )
+                    })?;
+                let want = match want {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let hit = final_answer(e.response_text).is_some_and(|a| answers_match(&a, &want));
+                Ok(f32::from(u8::from(hit)))
+            })
+            .collect()
+    }
+}
 
 /// 1 when the response matches `pattern` from its start (Python's `re.match`, as TRL's format
 /// rewards use it), else 0.
@@ -221,11 +312,11 @@ impl RewardSource for ExecReward {
         episodes
             .iter()
             .map(|e| {
-                let request = serde_json::json!({
-                    "prompt": e.prompt_text,
-                    "completion": e.response_text,
-                });
-                self.ask(&request.to_string())
+                // The record's columns first, so that "prompt" and "completion" are ours.
+                let mut request = e.columns.cloned().unwrap_or_default();
+                request.insert("prompt".into(), e.prompt_text.into());
+                request.insert("completion".into(), e.response_text.into());
+                self.ask(&serde_json::Value::Object(request).to_string())
             })
             .collect()
     }
@@ -291,12 +382,14 @@ impl RewardSource for Weighted {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn episodes<'a>(texts: &'a [&'a str], ids: &'a [Vec<u32>]) -> Vec<Episode<'a>> {
         texts
             .iter()
             .zip(ids)
             .map(|(t, i)| Episode {
+                columns: None,
                 prompt_ids: &[],
                 response_ids: i,
                 prompt_text: "p",
@@ -325,6 +418,48 @@ mod tests {
             vec![1.0, 0.0]
         );
         assert!(FormatReward::new("bad", "(").is_err());
+    }
+
+    #[test]
+    fn accuracy_extracts_the_final_answer_and_compares_numbers() {
+        for (text, want) in [
+            ("so <answer> 42 </answer>", Some("42")),
+            ("it is \\boxed{3.5} done", Some("3.5")),
+            ("work\n#### 1,234", Some("1,234")),
+            ("3 apples and then 7", Some("7")),
+            ("no digits", None),
+        ] {
+            assert_eq!(final_answer(text).as_deref(), want, "{text}");
+        }
+        assert!(
+            answers_match("1,234", "1234") && answers_match("7.0", "7") && answers_match("$5", "5")
+        );
+        assert!(
+            !answers_match("7", "8")
+                && answers_match("Paris", " Paris")
+                && !answers_match("paris", "Paris")
+        );
+        let cols: Vec<serde_json::Map<String, serde_json::Value>> =
+            [json!({"answer": 7}), json!({"answer": "12"})]
+                .into_iter()
+                .map(|v| v.as_object().unwrap().clone())
+                .collect();
+        let eps: Vec<Episode> = [("3 + 4 = 7", &cols[0]), ("I think 11", &cols[1])]
+            .iter()
+            .map(|(t, c)| Episode {
+                columns: Some(c),
+                prompt_ids: &[],
+                response_ids: &[],
+                prompt_text: "p",
+                response_text: t,
+            })
+            .collect();
+        assert_eq!(Accuracy::new("answer").score(&eps).unwrap(), vec![1.0, 0.0]);
+        let e = Accuracy::new("solution")
+            .score(&eps)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no `solution` column"), "{e}");
     }
 
     #[test]

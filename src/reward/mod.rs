@@ -19,6 +19,8 @@ pub struct Episode<'a> {
     pub response_ids: &'a [u32],
     pub prompt_text: &'a str,
     pub response_text: &'a str,
+    /// The prompt record's other columns (e.g. `answer`), when the prompts came with some.
+    pub columns: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 pub trait RewardSource {
@@ -74,7 +76,8 @@ pub fn is_builtin(spec: &str) -> bool {
 }
 
 /// `reward_funcs` with `reward_weights` (empty: 1 each), one source: the built-in functions
-/// `think_format`, `format:<regex>`, `soft_overlong:<max>:<cache>`, `exec:<command>`, and
+/// `accuracy[:<column>]`, `think_format`, `format:<regex>`, `soft_overlong:<max>:<cache>`,
+/// `exec:<command>`, and
 /// everything `from_spec` takes.
 pub fn from_funcs(
     specs: &[String],
@@ -95,6 +98,9 @@ pub fn from_funcs(
     for (i, spec) in specs.iter().enumerate() {
         let (name, source): (String, Box<dyn RewardSource>) = if spec == "think_format" {
             (spec.clone(), Box::new(FormatReward::think_answer()))
+        } else if spec == "accuracy" || spec.starts_with("accuracy:") {
+            let column = spec.strip_prefix("accuracy:").unwrap_or("answer");
+            ("accuracy".into(), Box::new(funcs::Accuracy::new(column)))
         } else if let Some(p) = spec.strip_prefix("format:") {
             ("format".into(), Box::new(FormatReward::new(spec, p)?))
         } else if let Some(rest) = spec.strip_prefix("soft_overlong:") {

@@ -77,6 +77,7 @@ mod tests {
 
     fn ep<'a>(ids: &'a [u32], text: &'a str) -> Episode<'a> {
         Episode {
+            columns: None,
             prompt_ids: &[],
             response_ids: ids,
             prompt_text: "",

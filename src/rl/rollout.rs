@@ -100,6 +100,7 @@ pub fn collect(
         .zip(&samples)
         .zip(bodies.iter().zip(&texts))
         .map(|((&i, s), (b, t))| Episode {
+            columns: Some(&prompts[i].columns),
             prompt_ids: &s.prompt,
             response_ids: b,
             prompt_text: &prompts[i].text,
