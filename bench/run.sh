@@ -7,6 +7,8 @@
 #   generate-smollm2  sampling, SmolLM2-135M, 16 prompts of 32 tokens (on average) x 64 new tokens
 #   dpo-smollm2       one DPO step, SmolLM2-135M, 4 chosen + 4 rejected sequences of 256 tokens
 #   train-smollm2-ckpt  train-smollm2 with gradient checkpointing on both sides
+#   generate-smollm2-grpo  a GRPO-shaped rollout: 16 prompts x G = 8 samples x 256 new tokens
+#                     (rlhf: each prompt prefilled once; PyTorch: num_return_sequences = 8)
 #   *-lora-frozen16    the same with the frozen base stored in bf16 (rlhf --frozen-bf16; PyTorch
 #                      loads the base in bf16 before PEFT wraps it, the usual PEFT set-up)
 #   dpo-qwen05b-lora / dpo-qwen15b-lora  a LoRA DPO step (r 16 on all linear layers, PEFT on the
@@ -84,7 +86,7 @@ def flops(r):
     n_mm = a["L"] * a["per_layer"] + a["V"] * a["d"]
     b, t = r["batch"], r["seq"]
     if r["workload"] == "generate":
-        return 2 * n_mm * b * r["new_tokens"]
+        return 2 * n_mm * b * r.get("group", 1) * r["new_tokens"]
     seqs = b if r["workload"] == "train" else 2 * b
     return 6 * n_mm * seqs * t + 12 * a["L"] * t * t * a["d"] * seqs
 
@@ -122,12 +124,14 @@ for name in names:
     gf = flops(r0) / med["rlhf"] / 1e9
     rss = {s: max(r["result"]["peak_rss_mb"] for r in side[s]) for s in side}
     shape = f'{r0["batch"]}x{r0["seq"]}' + (f'+{r0["new_tokens"]}' if r0["workload"] == "generate" else "")
+    if r0.get("group", 1) > 1:
+        shape = f'{r0["batch"]}x{r0.get("group")}x{r0["seq"]}+{r0["new_tokens"]}'
     if r0["workload"] == "dpo":
         shape = f'{r0["batch"]}+{r0["batch"]}x{r0["seq"]}'
     gf_torch = flops(r0) / med["torch"] / 1e9
     print(f"| {name} {shape} | {med['rlhf']:.2f} | {med['torch']:.2f} | {ratio:.2f} | {gf:.1f} | {gf_torch:.1f} | {rss['rlhf']:.0f} | {rss['torch']:.0f} |")
     if r0["workload"] == "generate":
-        toks = r0["batch"] * r0["new_tokens"]
+        toks = r0["batch"] * r0.get("group", 1) * r0["new_tokens"]
         gen_lines.append(f"{name}: rlhf {toks / med['rlhf']:.1f} tokens/s, PyTorch {toks / med['torch']:.1f} tokens/s ({toks} new tokens per run)")
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)
     other = {s: max((x for r in side[s] for x in r["result"].get("other_cpu", [])), default=0.0) for s in side}
@@ -209,6 +213,7 @@ workload_args() {
     train-smollm2)    echo "--workload train --arch smollm2 --batch 8 --seq 256" ;;
     train-gpt2)       echo "--workload train --arch gpt2 --batch 4 --seq 256" ;;
     generate-smollm2) echo "--workload generate --arch smollm2 --batch 16 --seq 32 --new-tokens 64" ;;
+    generate-smollm2-grpo) echo "--workload generate --arch smollm2 --batch 16 --seq 32 --new-tokens 256 --group 8" ;;
     dpo-smollm2)      echo "--workload dpo --arch smollm2 --batch 4 --seq 256" ;;
     train-smollm2-ckpt) echo "--workload train --arch smollm2 --batch 8 --seq 256 --gradient-checkpointing" ;;
     dpo-qwen05b-lora) echo "--workload dpo --arch qwen2.5-0.5b --batch 4 --seq 512 --lora-r 16 --gradient-checkpointing" ;;

@@ -7,7 +7,8 @@ Workloads (see src/commands/bench.rs for the rlhf side):
   train     one optimizer step on random ids [B, T]: forward with labels (next-token cross-entropy
             over all positions), backward, clip_grad_norm_(1.0), AdamW (torch defaults, foreach).
   generate  B left-padded prompts (lengths T -/+ T/4, B*T tokens in all) with attention_mask,
-            model.generate(do_sample=True, temperature 1, no top-k/top-p, exactly N new tokens).
+            model.generate(do_sample=True, temperature 1, no top-k/top-p, exactly N new tokens;
+            with --group G, num_return_sequences=G: G samples of each prompt, B*G rows).
   dpo       B chosen + B rejected sequences of length T as one batch of 2B; sequence log-prob sums
             over the second half; loss -log sigmoid(beta * margin) against constant reference
             log-probs; backward, clipping, AdamW.
@@ -196,7 +197,7 @@ def dpo_step(tr, ids, ref_lp, bf16):
     tr.step(loss)
 
 
-def generate_once(model, gen, vocab, batch, seq, new_tokens):
+def generate_once(model, gen, vocab, batch, seq, new_tokens, group=1):
     lengths = prompt_lengths(batch, seq)
     width = max(lengths)
     ids = torch.zeros(batch, width, dtype=torch.long)
@@ -215,6 +216,7 @@ def generate_once(model, gen, vocab, batch, seq, new_tokens):
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         pad_token_id=0,
+        num_return_sequences=group,
     )
     elapsed = time.perf_counter() - t
     if out.shape[1] - width != new_tokens:
@@ -229,6 +231,8 @@ def main():
     ap.add_argument("--batch", type=int, required=True)
     ap.add_argument("--seq", type=int, required=True)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--group", type=int, default=1,
+                    help="generate: samples per prompt (num_return_sequences), as GRPO draws them")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -288,7 +292,7 @@ def main():
             elapsed, what = time.perf_counter() - t, "step"
         else:
             torch.manual_seed(a.seed + i)
-            elapsed = generate_once(model, gen, vocab, a.batch, a.seq, a.new_tokens)
+            elapsed = generate_once(model, gen, vocab, a.batch, a.seq, a.new_tokens, a.group)
             what = "generate"
         other, steal = other_load(before, cpu_snap())
         warm = i < a.warmup
@@ -311,6 +315,7 @@ def main():
                 "batch": a.batch,
                 "seq": a.seq,
                 "new_tokens": a.new_tokens if a.workload == "generate" else None,
+                "group": a.group,
                 "params": n_params,
                 "other_cpu": other_cpu,
                 "steal_cpu": steal_cpu,

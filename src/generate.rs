@@ -176,6 +176,23 @@ fn draw(lp: &[f32], rng: &mut ChaCha8Rng) -> usize {
 
 /// Samples continuations of every prompt. Row i uses its own random stream (seed, i), so a row's
 /// sample does not depend on what else is in the batch.
+/// The first row of each distinct prompt, and for every prompt the index of its distinct row.
+fn distinct_rows(prompts: &[Vec<u32>]) -> (Vec<usize>, Vec<usize>) {
+    let mut first: std::collections::HashMap<&[u32], usize> = std::collections::HashMap::new();
+    let mut distinct = Vec::new();
+    let row_of = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            *first.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(i);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, row_of)
+}
+
 pub fn generate(
     model: &CausalLm,
     prompts: &[Vec<u32>],
@@ -242,12 +259,27 @@ pub fn generate(
     let _decoding = ops::skinny::DecodeScope::open();
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
     let mut cache = KvCache::new(mc.num_layers);
-    let inp = StepInputs::from_padded(mc, &ids, &key_mask)?;
+    // A prompt repeated in the batch (GRPO's G samples of one prompt) is prefilled once; its
+    // keys and values are copied to each of its rows.
+    let (distinct, row_of) = distinct_rows(prompts);
+    let pick = |rows: &[usize]| -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+        (
+            rows.iter().map(|&r| ids[r].clone()).collect(),
+            rows.iter().map(|&r| key_mask[r].clone()).collect(),
+        )
+    };
+    let (prefill_ids, prefill_mask) = pick(&distinct);
+    let inp = StepInputs::from_padded(mc, &prefill_ids, &prefill_mask)?;
     let hidden = model.forward_hidden(&inp, Some(&mut cache))?;
-    let mut logits = model
+    let distinct_logits = model
         .logits(&hidden.narrow(1, t0 - 1, 1)?)?
         .squeeze(1)?
         .to_vec2::<f32>()?;
+    if distinct.len() < prompts.len() {
+        let rows: Vec<u32> = row_of.iter().map(|&r| r as u32).collect();
+        cache.select_rows(&Tensor::from_vec(rows, prompts.len(), &Device::Cpu)?)?;
+    }
+    let mut logits: Vec<Vec<f32>> = row_of.iter().map(|&r| distinct_logits[r].clone()).collect();
 
     // `active[j]` is the prompt index of batch row j.
     let mut active: Vec<usize> = (0..prompts.len()).collect();

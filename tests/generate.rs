@@ -218,3 +218,34 @@ fn the_kv_cache_holds_no_graph() {
         assert!(!ck.track_op() && !cv.track_op());
     }
 }
+
+/// A prompt repeated in the batch (GRPO's group) is prefilled once and its cache copied to each
+/// row: every row's log-probs still equal a fresh forward pass, and the rows sample
+/// independently.
+#[test]
+fn repeated_prompts_share_one_prefill_and_sample_independently() {
+    for m in ["llama-tied", "gemma3", "gpt2"] {
+        let ck = Checkpoint::load(&model_path(m), false).unwrap();
+        let (a, b) = (vec![5u32, 9, 77, 12], vec![100u32, 3]);
+        let prompts = vec![a.clone(), a.clone(), b.clone(), a.clone(), b.clone()];
+        let cfg = SamplingConfig {
+            max_new_tokens: 10,
+            temperature: 1.0,
+            seed: 3,
+            ..Default::default()
+        };
+        let samples = generate(&ck.model, &prompts, &cfg).unwrap();
+        let worst = sampler_vs_forward_logprobs(&ck.model, &samples);
+        assert!(worst < 1e-5, "{m}: |Δ log π| = {worst}");
+        assert!(
+            samples[0].tokens != samples[1].tokens || samples[1].tokens != samples[3].tokens,
+            "{m}: a group's rows drew the same tokens"
+        );
+        // Greedy: every row of a prompt is that prompt's greedy continuation alone.
+        let greedy_all = generate(&ck.model, &prompts, &greedy(6)).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = generate(&ck.model, std::slice::from_ref(p), &greedy(6)).unwrap();
+            assert_eq!(greedy_all[i].tokens, alone[0].tokens, "{m}: row {i}");
+        }
+    }
+}

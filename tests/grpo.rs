@@ -79,7 +79,7 @@ fn grpo_and_rloo_raise_a_rule_reward_with_trls_metrics() {
         );
         let ratio = series(&out, "val/first_ratio_max_abs_log");
         assert!(
-            ratio.iter().all(|&r| r < 1e-4),
+            ratio.iter().all(|&r| r < 1e-5),
             "first-update ratio off: {ratio:?}"
         );
         let mut keys = vec![
@@ -236,4 +236,73 @@ fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line()
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of num_generations"));
+}
+
+#[test]
+fn a_larger_beta_keeps_grpo_closer_to_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 32);
+    let mut end_kl = vec![];
+    for beta in ["0.01", "1.0"] {
+        let out = tmp.path().join(format!("beta-{beta}"));
+        let o = grpo_with(
+            &[],
+            &out,
+            &prompts,
+            &[
+                &format!("beta={beta}"),
+                "max_steps=32",
+                "learning_rate=5e-3",
+            ],
+        );
+        assert_ok(&o);
+        let kl = series(&out, "kl");
+        assert_eq!(kl.len(), 32);
+        assert!(
+            kl.iter().all(|k| k.is_finite() && *k < 5.0),
+            "β {beta}: KL {kl:?}"
+        );
+        end_kl.push(avg(&kl[24..]));
+    }
+    println!("end KL: β 0.01 {:.4}, β 1.0 {:.4}", end_kl[0], end_kl[1]);
+    assert!(end_kl[1] < end_kl[0], "β 1.0 should end closer: {end_kl:?}");
+}
+
+/// A reward program that computes what a built-in computes gives the same run, byte for byte:
+/// `format:^ ` (the response starts with a space) as a shell script on the JSON line.
+#[test]
+fn a_script_reward_gives_the_same_run_as_the_equivalent_builtin() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 16);
+    let script = tmp.path().join("starts-with-space.sh");
+    std::fs::write(
+        &script,
+        "while read -r line; do case \"$line\" in *'\"completion\":\" '*) echo '{\"reward\": 1}';; *) echo '{\"reward\": 0}';; esac; done\n",
+    )
+    .unwrap();
+    let mut models = vec![];
+    for (name, func) in [
+        ("builtin", "format:^ ".to_string()),
+        ("script", format!("exec:sh {}", script.display())),
+    ] {
+        let out = tmp.path().join(name);
+        let o = grpo_with(
+            &[],
+            &out,
+            &prompts,
+            &[&format!("reward_funcs=[\"{func}\"]"), "max_steps=6"],
+        );
+        assert_ok(&o);
+        models.push((
+            series(&out, "reward"),
+            std::fs::read(out.join("model.safetensors")).unwrap(),
+        ));
+    }
+    assert_eq!(models[0].0, models[1].0, "the rewards differ");
+    assert!(
+        models[0].0.iter().any(|&r| r > 0.0 && r < 1.0),
+        "no reward signal: {:?}",
+        models[0].0
+    );
+    assert!(models[0].1 == models[1].1, "the trained models differ");
 }

@@ -119,6 +119,10 @@ pub struct BenchArgs {
     /// Recompute block activations in the backward pass (train and dpo).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// generate: samples per prompt (GRPO's G): each of the `batch` prompts repeated G times,
+    /// as `rlhf grpo` samples them (one prefill per prompt).
+    #[arg(long, default_value_t = 1)]
+    pub group: usize,
     /// Store the frozen base of a LoRA run in bf16 (`frozen_dtype = "bf16"`).
     #[arg(long)]
     pub frozen_bf16: bool,
@@ -452,9 +456,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             Workload::Matmul => unreachable!("handled above"),
             Workload::Generate => {
+                let g = args.group.max(1);
                 let prompts: Vec<Vec<u32>> = prompt_lengths(args.batch, args.seq)
                     .into_iter()
                     .map(|len| random_ids(&mut rng, cfg.vocab_size, 1, len).remove(0))
+                    .flat_map(|p| std::iter::repeat_n(p, g))
                     .collect();
                 let sc = SamplingConfig {
                     max_new_tokens: args.new_tokens,
@@ -468,10 +474,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 let samples = generate(&model, &prompts, &sc)?;
                 let elapsed = t.elapsed();
                 let n: usize = samples.iter().map(|s| s.tokens.len()).sum();
-                if n != args.batch * args.new_tokens {
+                if n != prompts.len() * args.new_tokens {
                     bail!(
                         "generated {n} tokens, expected {}",
-                        args.batch * args.new_tokens
+                        prompts.len() * args.new_tokens
                     );
                 }
                 (elapsed, "generate")
@@ -505,6 +511,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "batch": args.batch,
             "seq": args.seq,
             "new_tokens": if args.workload == Workload::Generate { Some(args.new_tokens) } else { None },
+            "group": args.group,
             "params": cfg.num_parameters(),
             "ops_path": format!("{:?}", ops::default_path()).to_lowercase(),
             "bf16_requested": args.bf16,

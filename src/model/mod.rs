@@ -115,19 +115,58 @@ pub fn check_ids(cfg: &ModelConfig, ids: &[Vec<u32>]) -> Result<()> {
     Ok(())
 }
 
-/// Keys and values of every layer for the positions seen so far: [B, KV, S, hd] each.
+/// Keys and values of every layer for the positions seen so far: [B, KV, S, hd] each, in
+/// buffers with room to grow, so that a decoding step writes its new position in place instead of
+/// copying the whole cache (which made long, wide rollouts quadratic in memory traffic).
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerCache>>,
+}
+
+/// One layer's buffers [B, KV, capacity, hd] and how many positions are filled.
+struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Positions a fresh buffer holds beyond its first append.
+const KV_HEADROOM: usize = 128;
+
+impl LayerCache {
+    fn capacity(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+
+    /// Buffers of `capacity` positions holding the first `len` of `k`, `v`.
+    fn with_capacity(
+        k: &Tensor,
+        v: &Tensor,
+        len: usize,
+        capacity: usize,
+    ) -> candle_core::Result<Self> {
+        let (b, kv, _, hd) = k.dims4()?;
+        let buf = |x: &Tensor| -> candle_core::Result<Tensor> {
+            let t = Tensor::zeros((b, kv, capacity, hd), x.dtype(), x.device())?;
+            t.slice_set(&x.narrow(2, 0, len)?.contiguous()?, 2, 0)?;
+            Ok(t)
+        };
+        Ok(LayerCache {
+            k: buf(k)?,
+            v: buf(v)?,
+            len,
+        })
+    }
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
-            layers: vec![None; num_layers],
+            layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
-    /// Appends this step's keys and values for `layer`; returns all of them.
+    /// Appends this step's keys and values for `layer`; returns all of them (views of the
+    /// buffers, rows contiguous).
     pub fn append(
         &mut self,
         layer: usize,
@@ -136,20 +175,36 @@ impl KvCache {
     ) -> candle_core::Result<(Tensor, Tensor)> {
         // Detached: the cache serves sampling only, and a trainable model's (a LoRA policy's)
         // keys would otherwise keep every step's graph — and every earlier cache — alive.
-        let (k, v) = (k.detach(), v.detach());
-        let (k, v) = match &self.layers[layer] {
-            None => (k.contiguous()?, v.contiguous()?),
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+        let t = k.dim(2)?;
+        let c = match self.layers[layer].take() {
+            None => LayerCache::with_capacity(&k, &v, t, t + KV_HEADROOM)?,
+            Some(c) if c.len + t > c.capacity() => {
+                let cap = (2 * c.capacity()).max(c.len + t);
+                let mut grown = LayerCache::with_capacity(&c.k, &c.v, c.len, cap)?;
+                grown.k.slice_set(&k, 2, c.len)?;
+                grown.v.slice_set(&v, 2, c.len)?;
+                grown.len += t;
+                grown
+            }
+            Some(mut c) => {
+                c.k.slice_set(&k, 2, c.len)?;
+                c.v.slice_set(&v, 2, c.len)?;
+                c.len += t;
+                c
+            }
         };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let out = (c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?);
+        self.layers[layer] = Some(c);
+        Ok(out)
     }
 
-    /// Keeps only the given batch rows (used when finished sequences leave a generation batch).
+    /// Keeps (or repeats) the given batch rows: finished sequences leave a generation batch, and
+    /// a prompt's prefill is copied to each of its samples.
     pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        for c in self.layers.iter_mut().flatten() {
+            c.k = c.k.index_select(rows, 0)?;
+            c.v = c.v.index_select(rows, 0)?;
         }
         Ok(())
     }
