@@ -6,20 +6,6 @@ use crate::common::*;
 use serde_json::json;
 use std::path::Path;
 
-fn prompts_file(dir: &Path, n: usize) -> std::path::PathBuf {
-    let mut rng = Lcg(11);
-    let words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far"];
-    let lines: Vec<serde_json::Value> = (0..n)
-        .map(|_| {
-            let p: Vec<&str> = (0..3).map(|_| words[rng.below(words.len())]).collect();
-            json!({"prompt": p.join(" ")})
-        })
-        .collect();
-    let p = dir.join("prompts.jsonl");
-    write_jsonl(&p, &lines);
-    p
-}
-
 fn grpo_with(flags: &[&str], dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
     let mut sets = vec![
         format!("model=\"{}\"", model_path("llama-tied")),
@@ -40,21 +26,10 @@ fn grpo_with(flags: &[&str], dir: &Path, prompts: &Path, extra: &[&str]) -> std:
     run_with_sets(&command, &sets)
 }
 
-fn series(dir: &Path, key: &str) -> Vec<f64> {
-    read_jsonl(&dir.join("metrics.jsonl"))
-        .iter()
-        .filter_map(|m| m.get(key).and_then(|v| v.as_f64()))
-        .collect()
-}
-
-fn avg(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
-}
-
 #[test]
 fn grpo_and_rloo_raise_a_rule_reward_with_trls_metrics() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 32);
+    let prompts = prompts_file(tmp.path(), 32, 11);
     for (advantage, beta) in [("grpo", "0.0"), ("rloo", "0.05")] {
         let out = tmp.path().join(advantage);
         let o = grpo_with(
@@ -110,7 +85,7 @@ fn grpo_and_rloo_raise_a_rule_reward_with_trls_metrics() {
 #[test]
 fn a_resumed_grpo_run_ends_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 8);
+    let prompts = prompts_file(tmp.path(), 8, 11);
     let settings = [
         "max_steps=4",
         "num_iterations=2",
@@ -124,19 +99,7 @@ fn a_resumed_grpo_run_ends_bit_identical() {
     assert_ok(&grpo_with(&[], &full, &prompts, &settings));
     // A copy of the run as it was after iteration 2 (of 4), then resumed.
     let part = tmp.path().join("part");
-    std::fs::create_dir_all(part.join("checkpoints")).unwrap();
-    for entry in std::fs::read_dir(full.join("checkpoints")).unwrap() {
-        let p = entry.unwrap().path();
-        let name = p.file_name().unwrap().to_string_lossy().to_string();
-        if name.ends_with("00000002") {
-            let dst = part.join("checkpoints").join(&name);
-            std::fs::create_dir(&dst).unwrap();
-            for f in std::fs::read_dir(&p).unwrap() {
-                let f = f.unwrap().path();
-                std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
-            }
-        }
-    }
+    copy_checkpoints(&full, &part, &["00000002"]);
     let resumed = grpo_with(&["--resume"], &part, &prompts, &settings);
     assert_ok(&resumed);
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
@@ -148,7 +111,7 @@ fn a_resumed_grpo_run_ends_bit_identical() {
 #[test]
 fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 8);
+    let prompts = prompts_file(tmp.path(), 8, 11);
     // The same prompts with an extra column, which reward functions see.
     let with_answers = tmp.path().join("with-answers.jsonl");
     let records: Vec<serde_json::Value> = read_jsonl(&prompts)
@@ -241,7 +204,7 @@ fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line()
 #[test]
 fn a_larger_beta_keeps_grpo_closer_to_the_reference() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 32);
+    let prompts = prompts_file(tmp.path(), 32, 11);
     let mut end_kl = vec![];
     for beta in ["0.01", "1.0"] {
         let out = tmp.path().join(format!("beta-{beta}"));
@@ -273,7 +236,7 @@ fn a_larger_beta_keeps_grpo_closer_to_the_reference() {
 #[test]
 fn a_script_reward_gives_the_same_run_as_the_equivalent_builtin() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 16);
+    let prompts = prompts_file(tmp.path(), 16, 11);
     let script = tmp.path().join("starts-with-space.sh");
     std::fs::write(
         &script,

@@ -27,20 +27,6 @@ fn sampler_logprobs_equal_a_fresh_forward_so_the_first_ratio_is_one() {
     assert!(worst < 1e-5, "|Δ log π| = {worst}");
 }
 
-fn prompts_file(dir: &Path, n: usize) -> std::path::PathBuf {
-    let mut rng = Lcg(4);
-    let words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far"];
-    let lines: Vec<serde_json::Value> = (0..n)
-        .map(|_| {
-            let p: Vec<&str> = (0..3).map(|_| words[rng.below(words.len())]).collect();
-            json!({"prompt": p.join(" ")})
-        })
-        .collect();
-    let p = dir.join("prompts.jsonl");
-    write_jsonl(&p, &lines);
-    p
-}
-
 /// `rlhf ppo` (with `flags`, e.g. --resume) on the tiny llama with a rule reward, then `extra`.
 fn ppo_with(flags: &[&str], dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
     let mut sets = vec![
@@ -67,21 +53,10 @@ fn ppo(dir: &Path, prompts: &Path, extra: &[&str]) -> std::process::Output {
     ppo_with(&[], dir, prompts, extra)
 }
 
-fn series(dir: &Path, key: &str) -> Vec<f64> {
-    read_jsonl(&dir.join("metrics.jsonl"))
-        .iter()
-        .filter_map(|m| m.get(key).and_then(|v| v.as_f64()))
-        .collect()
-}
-
-fn avg(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
-}
-
 #[test]
 fn reward_rises_with_bounded_kl_and_a_larger_beta_keeps_closer_to_the_reference() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 64);
+    let prompts = prompts_file(tmp.path(), 64, 4);
     let mut results = vec![];
     for beta in ["0.01", "1.0"] {
         let out = tmp.path().join(format!("beta-{beta}"));
@@ -132,7 +107,7 @@ fn reward_rises_with_bounded_kl_and_a_larger_beta_keeps_closer_to_the_reference(
 #[test]
 fn ptx_keeps_the_pretraining_loss_lower() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 32);
+    let prompts = prompts_file(tmp.path(), 32, 4);
     let text: Vec<serde_json::Value> = (0..40)
         .map(|i| json!({"text": format!("the cat sat on the mat number {i} and the dog ran far away")}))
         .collect();
@@ -210,7 +185,7 @@ fn bad_reward_and_long_prompts_are_reported() {
         .collect();
     safetensors::serialize_to_file(views, None, &rm.join("model.safetensors")).unwrap();
 
-    let prompts = prompts_file(tmp.path(), 8);
+    let prompts = prompts_file(tmp.path(), 8, 4);
     let out = tmp.path().join("nan");
     let o = ppo(
         &out,
@@ -260,7 +235,7 @@ fn bad_reward_and_long_prompts_are_reported() {
 #[test]
 fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 16);
+    let prompts = prompts_file(tmp.path(), 16, 4);
     let full = tmp.path().join("full");
     let settings = [
         "total_episodes=64",
@@ -276,19 +251,7 @@ fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
     assert_ok(&ppo(&full, &prompts, &settings));
     // A copy of the run as it was after iteration 2 (of 4), then resumed.
     let part = tmp.path().join("part");
-    std::fs::create_dir_all(part.join("checkpoints")).unwrap();
-    for entry in std::fs::read_dir(full.join("checkpoints")).unwrap() {
-        let p = entry.unwrap().path();
-        let name = p.file_name().unwrap().to_string_lossy().to_string();
-        if name.ends_with("00000001") || name.ends_with("00000002") {
-            let dst = part.join("checkpoints").join(&name);
-            std::fs::create_dir(&dst).unwrap();
-            for f in std::fs::read_dir(&p).unwrap() {
-                let f = f.unwrap().path();
-                std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
-            }
-        }
-    }
+    copy_checkpoints(&full, &part, &["00000001", "00000002"]);
     // The interrupted run had logged iterations 3 and 4 after its last checkpoint.
     std::fs::copy(full.join("metrics.jsonl"), part.join("metrics.jsonl")).unwrap();
     let resumed = ppo_with(&["--resume"], &part, &prompts, &settings);
@@ -313,7 +276,7 @@ fn resuming_from_a_middle_checkpoint_gives_identical_weights() {
 #[test]
 fn training_keys_are_honoured_or_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 16);
+    let prompts = prompts_file(tmp.path(), 16, 4);
     let quick = ["per_device_train_batch_size=4", "num_ppo_epochs=1"];
     // max_steps sets the iterations; logging_steps logs means every N of them (and the last).
     let out = tmp.path().join("steps");
@@ -349,7 +312,7 @@ fn training_keys_are_honoured_or_refused() {
 #[test]
 fn nonfinite_updates_stop_or_are_skipped() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 8);
+    let prompts = prompts_file(tmp.path(), 8, 4);
     let overflow = [
         "per_device_train_batch_size=4",
         "num_ppo_epochs=1",
@@ -401,7 +364,7 @@ fn nonfinite_updates_stop_or_are_skipped() {
 #[test]
 fn ppo_with_lora_uses_the_base_as_reference_and_saves_an_adapter() {
     let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts_file(tmp.path(), 64);
+    let prompts = prompts_file(tmp.path(), 64, 4);
     let out = tmp.path().join("lora");
     let o = ppo(
         &out,

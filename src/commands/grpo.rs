@@ -193,18 +193,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let outcome = rl::run(&loop_cfg, &models, &mut Grpo { cfg: grpo }, run_info)?;
     save_final(&policy, out.path())?;
-    let get = |k: &str| {
-        outcome
-            .last_metrics
-            .iter()
-            .find(|(n, _)| n == k)
-            .map_or(f64::NAN, |(_, v)| *v)
-    };
     eprintln!(
         "done: {} iterations ({} updates skipped); last reward {:.4}; policy written to {}",
         outcome.iterations,
         outcome.skipped_updates,
-        get("reward"),
+        outcome.last("reward"),
         out.path().display()
     );
     Ok(())

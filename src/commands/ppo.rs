@@ -224,19 +224,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let outcome = rl::run(&loop_cfg, &models, &mut Ppo::new(ppo), run_info)?;
     save_final(&policy, out.path())?;
-    let get = |k: &str| {
-        outcome
-            .last_metrics
-            .iter()
-            .find(|(n, _)| n == k)
-            .map_or(f64::NAN, |(_, v)| *v)
-    };
     eprintln!(
         "done: {} iterations ({} updates skipped); last score {:.4}, KL {:.3}; policy written to {}",
         outcome.iterations,
         outcome.skipped_updates,
-        get("objective/scores"),
-        get("objective/kl"),
+        outcome.last("objective/scores"),
+        outcome.last("objective/kl"),
         out.path().display()
     );
     Ok(())

@@ -139,6 +139,16 @@ pub struct Outcome {
     pub last_metrics: Vec<(String, f64)>,
 }
 
+impl Outcome {
+    /// The last logged value of metric `key` (NaN when it was never logged).
+    pub fn last(&self, key: &str) -> f64 {
+        self.last_metrics
+            .iter()
+            .find(|(n, _)| n == key)
+            .map_or(f64::NAN, |(_, v)| *v)
+    }
+}
+
 /// The data and the run around the loop.
 pub struct Run<'a> {
     pub train: &'a TrainConfig,

@@ -156,3 +156,48 @@ pub fn sampler_vs_forward_logprobs(
         .map(|(n, s)| max_abs_diff(&lp[n][starts[n] - 1..seqs[n].len() - 1], &s.model_logprobs))
         .fold(0.0, f32::max)
 }
+
+/// `n` prompts of three random words, `{"prompt"}` JSONL in `dir` (the RL tests' prompt sets).
+pub fn prompts_file(dir: &std::path::Path, n: usize, seed: u64) -> std::path::PathBuf {
+    let mut rng = Lcg(seed);
+    let words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far"];
+    let lines: Vec<serde_json::Value> = (0..n)
+        .map(|_| {
+            let p: Vec<&str> = (0..3).map(|_| words[rng.below(words.len())]).collect();
+            serde_json::json!({"prompt": p.join(" ")})
+        })
+        .collect();
+    let p = dir.join("prompts.jsonl");
+    write_jsonl(&p, &lines);
+    p
+}
+
+/// The values a run logged under `key` in its metrics.jsonl, in order.
+pub fn series(dir: &std::path::Path, key: &str) -> Vec<f64> {
+    read_jsonl(&dir.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m.get(key).and_then(|v| v.as_f64()))
+        .collect()
+}
+
+pub fn avg(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// Copies the checkpoints of `from` whose names end with one of `steps` into `to`: a run as it
+/// was when interrupted after them.
+pub fn copy_checkpoints(from: &std::path::Path, to: &std::path::Path, steps: &[&str]) {
+    std::fs::create_dir_all(to.join("checkpoints")).unwrap();
+    for entry in std::fs::read_dir(from.join("checkpoints")).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if steps.iter().any(|s| name.ends_with(s)) {
+            let dst = to.join("checkpoints").join(&name);
+            std::fs::create_dir(&dst).unwrap();
+            for f in std::fs::read_dir(&p).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+            }
+        }
+    }
+}
