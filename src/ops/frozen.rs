@@ -95,7 +95,7 @@ fn bf16_bits(v: &[bf16]) -> &[u16] {
 }
 
 /// Rows r0..r1 of w widened into `dst` (row-major, k per row), in parallel.
-pub(crate) fn widen_rows(w: Bf16View, r0: usize, r1: usize, dst: &mut [f32]) {
+fn widen_rows(w: Bf16View, r0: usize, r1: usize, dst: &mut [f32]) {
     let src = &w.data[r0 * w.k..r1 * w.k];
     dst[..src.len()]
         .par_chunks_mut(1 << 14)
@@ -112,16 +112,28 @@ fn block_rows(w: Bf16View) -> usize {
     (BLOCK_ELEMS / w.k.max(1)).clamp(1, w.n.max(1))
 }
 
+/// Calls `f(r0, r1, block)` for consecutive blocks of `rows` rows of w, each widened to f32
+/// (`block` is (r1 − r0) × k) into one reused buffer.
+pub(crate) fn for_widened_blocks(
+    w: Bf16View,
+    rows: usize,
+    mut f: impl FnMut(usize, usize, &[f32]),
+) {
+    let rows = rows.max(1);
+    let mut buf = vec![0f32; rows.min(w.n) * w.k];
+    for r0 in (0..w.n).step_by(rows) {
+        let r1 = (r0 + rows).min(w.n);
+        widen_rows(w, r0, r1, &mut buf);
+        f(r0, r1, &buf[..(r1 - r0) * w.k]);
+    }
+}
+
 /// y [m, n] = x [m, k] · wᵀ, w widened a block of its rows (y's columns) at a time: every output
 /// element sums over k exactly as the f32 product does.
 pub fn matmul_t_widened(x: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
     let (n, k) = (w.n, w.k);
     let mut y = vec![0f32; m * n];
-    let rows = block_rows(w);
-    let mut buf = vec![0f32; rows.min(n) * k];
-    for r0 in (0..n).step_by(rows) {
-        let r1 = (r0 + rows).min(n);
-        widen_rows(w, r0, r1, &mut buf);
+    for_widened_blocks(w, block_rows(w), |r0, r1, buf| {
         // SAFETY: x is m×k, buf holds (r1−r0)×k read as its transpose, y's columns r0..r1 lie
         // inside its m×n extent with row stride n.
         unsafe {
@@ -147,7 +159,7 @@ pub fn matmul_t_widened(x: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
                 gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
             );
         }
-    }
+    });
     y
 }
 
@@ -155,11 +167,7 @@ pub fn matmul_t_widened(x: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
 pub fn matmul_widened(dy: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
     let (n, k) = (w.n, w.k);
     let mut dx = vec![0f32; m * k];
-    let rows = block_rows(w);
-    let mut buf = vec![0f32; rows.min(n) * k];
-    for r0 in (0..n).step_by(rows) {
-        let r1 = (r0 + rows).min(n);
-        widen_rows(w, r0, r1, &mut buf);
+    for_widened_blocks(w, block_rows(w), |r0, r1, buf| {
         // SAFETY: dy's columns r0..r1 (row stride n), buf (r1−r0)×k, dx m×k.
         unsafe {
             gemm::gemm(
@@ -184,7 +192,7 @@ pub fn matmul_widened(dy: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
                 gemm::Parallelism::Rayon(candle_core::utils::get_num_threads()),
             );
         }
-    }
+    });
     dx
 }
 

@@ -314,15 +314,13 @@ fn bf16_forward(
     let mut stats = vec![(f32::NEG_INFINITY, 0f64); n];
     let mut chosen = vec![0f32; n];
     let vb = VOCAB_BLOCK.min(vocab);
-    let mut wbuf = vec![0f32; vb * d];
     let mut buf = vec![0f32; BLOCK_ROWS.min(n) * vb];
-    for v0 in (0..vocab).step_by(vb) {
-        let nv = vb.min(vocab - v0);
-        super::frozen::widen_rows(w, v0, v0 + nv, &mut wbuf);
+    super::frozen::for_widened_blocks(w, vb, |v0, v1, wbuf| {
+        let nv = v1 - v0;
         for r0 in (0..n).step_by(BLOCK_ROWS) {
             let rows = BLOCK_ROWS.min(n - r0);
             let logits = &mut buf[..rows * nv];
-            chunk_logits(&h[r0 * d..(r0 + rows) * d], &wbuf, rows, nv, d, logits);
+            chunk_logits(&h[r0 * d..(r0 + rows) * d], wbuf, rows, nv, d, logits);
             soft_cap(logits, softcap, None);
             logits
                 .par_chunks_mut(nv)
@@ -340,7 +338,7 @@ fn bf16_forward(
                     *m = new;
                 });
         }
-    }
+    });
     let lse: Vec<f32> = stats.iter().map(|&(m, s)| m + s.ln() as f32).collect();
     let out = chosen.iter().zip(&lse).map(|(c, l)| c - l).collect();
     (out, lse)
@@ -359,17 +357,15 @@ fn bf16_backward(
     let n = lse.len();
     let mut dh = vec![0f32; n * d];
     let vb = VOCAB_BLOCK.min(vocab);
-    let mut wbuf = vec![0f32; vb * d];
     let mut buf = vec![0f32; BLOCK_ROWS.min(n) * vb];
     let mut slope = vec![0f32; if softcap.is_some() { buf.len() } else { 0 }];
     let par = gemm::Parallelism::Rayon(candle_core::utils::get_num_threads());
-    for v0 in (0..vocab).step_by(vb) {
-        let nv = vb.min(vocab - v0);
-        super::frozen::widen_rows(w, v0, v0 + nv, &mut wbuf);
+    super::frozen::for_widened_blocks(w, vb, |v0, v1, wbuf| {
+        let nv = v1 - v0;
         for r0 in (0..n).step_by(BLOCK_ROWS) {
             let rows = BLOCK_ROWS.min(n - r0);
             let dl = &mut buf[..rows * nv];
-            chunk_logits(&h[r0 * d..(r0 + rows) * d], &wbuf, rows, nv, d, dl);
+            chunk_logits(&h[r0 * d..(r0 + rows) * d], wbuf, rows, nv, d, dl);
             soft_cap(dl, softcap, softcap.map(|_| &mut slope[..rows * nv]));
             dl.par_chunks_mut(nv).enumerate().for_each(|(r, row)| {
                 let (g, target) = (grad[r0 + r], t[r0 + r] as usize);
@@ -409,6 +405,6 @@ fn bf16_backward(
                 );
             }
         }
-    }
+    });
     dh
 }
