@@ -199,6 +199,16 @@ fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line()
     );
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("multiple of num_generations"));
+    // eval_steps has no meaning here: refused, as in rlhf ppo.
+    let out = tmp.path().join("eval");
+    let o = grpo_with(&[], &out, &prompts, &["eval_steps=2", "max_steps=1"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("eval_steps") && err.contains("rlhf eval"),
+        "{err}"
+    );
+    assert!(!out.join("metrics.jsonl").exists());
 }
 
 #[test]

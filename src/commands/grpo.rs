@@ -8,7 +8,6 @@ use serde_json::json;
 use super::{start_training, TrainArgs};
 use crate::algos::grpo::{Grpo, GrpoConfig};
 use crate::checkpoint::{save_final, Checkpoint};
-use crate::data::prompts::read_prompts;
 use crate::generate::SamplingConfig;
 use crate::model::lora::LoraConfig;
 use crate::rl::{self, LoopConfig, Models, Reference};
@@ -49,7 +48,7 @@ impl Section for GrpoRunConfig {
     const KEYS: &'static [KeyDoc] = &[
         KeyDoc::required("model", "policy to train: HF dir, .gguf, cached repo id or PEFT adapter dir").path(),
         KeyDoc::new("ref_model", "frozen reference for β > 0; empty: the policy's starting weights").path(),
-        KeyDoc::required("reward_funcs", "list of rewards, summed with reward_weights: \"think_format\", \"format:<regex>\", \"soft_overlong:<max>:<cache>\", \"exec:<command>\" (JSON lines), \"vader\", \"rule:…\", or a reward-model dir"),
+        KeyDoc::required("reward_funcs", "list of rewards, summed with reward_weights: \"accuracy[:<column>]\" (final answer vs the prompt record's column, default answer), \"think_format\", \"format:<regex>\", \"soft_overlong:<max>:<cache>\", \"exec:<command>\" (JSON lines), \"vader\", \"rule:…\", or a reward-model dir"),
         KeyDoc::new("reward_weights", "one weight per reward function (empty: 1 each)"),
         KeyDoc::new("reward_timeout", "seconds an exec: reward program may take per answer"),
         KeyDoc::required("prompt_file", "prompts {\"prompt\": text or messages} (.jsonl or .parquet)").path(),
@@ -83,6 +82,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     grpo.validate().with_context(|| origin.clone())?;
     let inputs = [&run.model, &run.ref_model, &run.prompt_file];
     let (train_cfg, out) = start_training(args, &settings, &inputs.map(String::as_str))?;
+    super::refuse_eval_steps(&train_cfg, &origin, "grpo")?;
     let micro_batch = train_cfg.per_device_train_batch_size;
     let episodes = micro_batch * train_cfg.gradient_accumulation_steps;
     if !episodes.is_multiple_of(grpo.num_generations) {
@@ -97,20 +97,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
 
     let policy = super::load_trainable(&run.model, &lora, train_cfg.seed)?;
     let tok = policy.tokenizer()?;
-    let (prompts, cut) = read_prompts(&run.prompt_file, tok, run.chat, run.max_prompt_length)?;
-    policy
-        .model
-        .config
-        .check_length(
-            run.max_prompt_length + grpo.max_completion_length,
-            "max_prompt_length + max_completion_length",
-        )
-        .with_context(|| origin.clone())?;
-    eprintln!(
-        "prompts: {} ({cut} truncated to their last {} tokens)",
-        prompts.len(),
-        run.max_prompt_length
-    );
+    let prompts = super::rl_prompts(
+        &policy,
+        (&run.prompt_file, run.chat, run.max_prompt_length),
+        (grpo.max_completion_length, "max_completion_length"),
+        &origin,
+    )?;
     let mut reward = crate::reward::from_funcs(
         &run.reward_funcs,
         &run.reward_weights,

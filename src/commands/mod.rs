@@ -95,6 +95,39 @@ pub fn bf16_pays(requested: bool) -> bool {
     d.use_kernel
 }
 
+/// The online-RL commands have no held-out evaluation during training: `eval_steps` is refused.
+pub fn refuse_eval_steps(train: &TrainConfig, origin: &str, command: &str) -> Result<()> {
+    if train.eval_steps > 0 {
+        anyhow::bail!("{origin}: eval_steps: rlhf {command} has no held-out evaluation during training; evaluate the saved policy with rlhf eval");
+    }
+    Ok(())
+}
+
+/// An online-RL run's prompts, read with the policy's tokenizer (long ones keep their end), after
+/// checking that prompt + response fit the model; `response` is (its length, its key's name).
+pub fn rl_prompts(
+    policy: &Checkpoint,
+    (path, chat, max_prompt_length): (&str, bool, usize),
+    (response_length, key): (usize, &str),
+    origin: &str,
+) -> Result<Vec<crate::data::prompts::Prompt>> {
+    policy
+        .model
+        .config
+        .check_length(
+            max_prompt_length + response_length,
+            &format!("max_prompt_length + {key}"),
+        )
+        .with_context(|| origin.to_string())?;
+    let (prompts, cut) =
+        crate::data::prompts::read_prompts(path, policy.tokenizer()?, chat, max_prompt_length)?;
+    eprintln!(
+        "prompts: {} ({cut} truncated to their last {max_prompt_length} tokens)",
+        prompts.len()
+    );
+    Ok(prompts)
+}
+
 /// The run's LoRA section, checked (naming where the settings came from) when LoRA is on.
 pub fn lora_settings(settings: &Settings) -> Result<LoraConfig> {
     let lora: LoraConfig = settings.section()?;

@@ -8,7 +8,6 @@ use serde_json::json;
 use super::{start_training, TrainArgs};
 use crate::algos::ppo::{Ppo, PpoConfig};
 use crate::checkpoint::{save_final, Checkpoint};
-use crate::data::prompts::read_prompts;
 use crate::data::sft::read_pretraining_text;
 use crate::model::lora::LoraConfig;
 use crate::model::scalar_head::ScalarHead;
@@ -142,25 +141,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         &run.ptx_file,
     ];
     let (train_cfg, out) = start_training(args, &settings, &inputs.map(String::as_str))?;
-    if train_cfg.eval_steps > 0 {
-        bail!("{origin}: eval_steps: rlhf ppo has no held-out evaluation during training; evaluate the saved policy with rlhf eval");
-    }
+    super::refuse_eval_steps(&train_cfg, &origin, "ppo")?;
 
     let policy = super::load_trainable(&run.model, &lora, train_cfg.seed)?;
     let tok = policy.tokenizer()?;
-    let (prompts, cut) = read_prompts(&run.prompt_file, tok, run.chat, run.max_prompt_length)?;
+    let prompts = super::rl_prompts(
+        &policy,
+        (&run.prompt_file, run.chat, run.max_prompt_length),
+        (ppo.response_length, "response_length"),
+        &origin,
+    )?;
     let mc = &policy.model.config;
-    mc.check_length(
-        run.max_prompt_length + ppo.response_length,
-        "max_prompt_length + response_length",
-    )
-    .with_context(|| origin.clone())?;
-    eprintln!(
-        "prompts: {} ({} truncated to their last {} tokens)",
-        prompts.len(),
-        cut,
-        run.max_prompt_length
-    );
     let ptx = if run.ptx_file.is_empty() {
         vec![]
     } else {
