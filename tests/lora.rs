@@ -142,6 +142,33 @@ fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
+/// How far `module`'s adapter gradients in `grads` are from the composed ones for the merged
+/// weight's gradient dW′: dA = s·Bᵀ·dW′ and dB = s·dW′·Aᵀ (the worse relative L2 of the two).
+fn composed_gap(
+    ck: &Checkpoint,
+    grads: &candle_core::backprop::GradStore,
+    module: &str,
+    (a, b): (&Tensor, &Tensor),
+    dw: &Tensor,
+    s: f64,
+) -> f32 {
+    let want_da = (b.t().unwrap().matmul(dw).unwrap() * s).unwrap();
+    let want_db = (dw.matmul(&a.t().unwrap()).unwrap() * s).unwrap();
+    let got = |suffix: &str| {
+        let n = format!("base_model.model.{module}.{suffix}");
+        let v = &ck
+            .model
+            .parameters()
+            .iter()
+            .find(|(p, _)| *p == n)
+            .unwrap()
+            .1;
+        flat(grads.get(v.as_tensor()).unwrap())
+    };
+    rel_l2(&got("lora_A.weight"), &flat(&want_da))
+        .max(rel_l2(&got("lora_B.weight"), &flat(&want_db)))
+}
+
 #[test]
 fn adapter_gradients_equal_pefts() {
     for path in [OpsPath::Fast, OpsPath::Reference] {
@@ -211,24 +238,8 @@ fn adapter_gradients_equal_the_composed_reference_on_every_family() {
         for (module, a) in &adapter.modules {
             let w = by_name[format!("{module}.weight").as_str()];
             // [out, in] for every family (GPT-2's Conv1D weights are transposed on load).
-            let dw = merged_grads.get(w.as_tensor()).unwrap().clone();
-            let s = a.scale;
-            let want_da = (a.b.t().unwrap().matmul(&dw).unwrap() * s).unwrap();
-            let want_db = (dw.matmul(&a.a.t().unwrap()).unwrap() * s).unwrap();
-            let find = |suffix: &str| {
-                let n = format!("base_model.model.{module}.{suffix}");
-                let v = &ck
-                    .model
-                    .parameters()
-                    .iter()
-                    .find(|(p, _)| *p == n)
-                    .unwrap()
-                    .1;
-                flat(grads.get(v.as_tensor()).unwrap())
-            };
-            worst = worst
-                .max(rel_l2(&find("lora_A.weight"), &flat(&want_da)))
-                .max(rel_l2(&find("lora_B.weight"), &flat(&want_db)));
+            let dw = merged_grads.get(w.as_tensor()).unwrap();
+            worst = worst.max(composed_gap(&ck, &grads, module, (&a.a, &a.b), dw, a.scale));
         }
         eprintln!("{name}: adapter gradients vs composed reference, worst rel-L2 {worst:.2e}");
         assert!(worst < 1e-4, "{name}: {worst}");
@@ -597,33 +608,12 @@ fn fresh_adapters_on_every_family_have_the_composed_gradients() {
         );
         assert!(((l - lm) / lm).abs() < 1e-5, "{m}: loss {l} vs merged {lm}");
         let merged_grads = merged_loss.backward().unwrap();
-        let param = |name: String| {
-            let v = &ck
-                .model
-                .parameters()
-                .iter()
-                .find(|(p, _)| *p == name)
-                .unwrap()
-                .1;
-            flat(grads.get(v.as_tensor()).unwrap())
-        };
         let mut worst = 0f32;
         for (module, a, b) in &adapters {
             let dw = merged_grads
                 .get(by_name[format!("{module}.weight").as_str()].as_tensor())
                 .unwrap();
-            let want_da = (b.t().unwrap().matmul(dw).unwrap() * s).unwrap();
-            let want_db = (dw.matmul(&a.t().unwrap()).unwrap() * s).unwrap();
-            let p = format!("base_model.model.{module}");
-            worst = worst
-                .max(rel_l2(
-                    &param(format!("{p}.lora_A.weight")),
-                    &flat(&want_da),
-                ))
-                .max(rel_l2(
-                    &param(format!("{p}.lora_B.weight")),
-                    &flat(&want_db),
-                ));
+            worst = worst.max(composed_gap(&ck, &grads, module, (a, b), dw, s));
         }
         eprintln!(
             "{m}: {} adapters, composed-reference gradients worst rel-L2 {worst:.2e}",
