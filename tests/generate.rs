@@ -249,3 +249,92 @@ fn repeated_prompts_share_one_prefill_and_sample_independently() {
         }
     }
 }
+
+/// Continuous refill: with at most 3 rows decoding at once, a finished row's place goes to the
+/// next waiting prompt. Every row still draws the sample it draws when all rows decode together
+/// (its own random stream), in waves or without prefill sharing too; refill needs fewer decoding
+/// steps than waves, and sharing encodes each distinct prompt once.
+#[test]
+fn refill_waves_and_unshared_prefill_draw_the_same_samples() {
+    use rlhf::generate::generate_scheduled;
+    let mut saved = 0;
+    for m in ["llama-tied", "gemma3", "gpt2"] {
+        let ck = Checkpoint::load(&model_path(m), false).unwrap();
+        let (a, b) = (vec![5u32, 9, 77, 12, 40, 41], vec![100u32, 3]);
+        let prompts = vec![
+            a.clone(),
+            a.clone(),
+            b.clone(),
+            vec![7, 8, 9],
+            a.clone(),
+            b.clone(),
+            vec![60, 61, 62, 63, 64, 65, 66, 67, 68],
+            b.clone(),
+        ];
+        let vocab = ck.model.config.vocab_size as u32;
+        let all = SamplingConfig {
+            max_new_tokens: 12,
+            temperature: 1.0,
+            seed: 11,
+            // About one token in five ends a row, so rows finish at different steps.
+            stop_ids: (0..vocab).filter(|t| t % 5 == 0).collect(),
+            ..Default::default()
+        };
+        let refill = SamplingConfig {
+            max_rows: 3,
+            ..all.clone()
+        };
+        let waves = SamplingConfig {
+            refill: false,
+            ..refill.clone()
+        };
+        let unshared = SamplingConfig {
+            share_prefill: false,
+            ..refill.clone()
+        };
+        let (want, s_all) = generate_scheduled(&ck.model, &prompts, &all).unwrap();
+        let lengths: Vec<usize> = want.iter().map(|s| s.tokens.len()).collect();
+        assert!(
+            lengths.iter().min() < lengths.iter().max(),
+            "{m}: rows should end at different steps: {lengths:?}"
+        );
+        let fed: usize = lengths.iter().map(|n| n - 1).sum();
+        let mut steps = vec![];
+        for (name, cfg) in [
+            ("all", &all),
+            ("refill", &refill),
+            ("waves", &waves),
+            ("unshared", &unshared),
+        ] {
+            let (got, s) = generate_scheduled(&ck.model, &prompts, cfg).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g.tokens, w.tokens, "{m} {name}: row {i}'s tokens");
+                let d = max_abs_diff(&g.model_logprobs, &w.model_logprobs);
+                assert!(d < 1e-5, "{m} {name}: row {i}'s log-probs differ by {d}");
+            }
+            assert_eq!(s.row_steps, fed, "{m} {name}: every fed token decoded once");
+            assert!(s.peak_rows <= cfg.max_rows.max(prompts.len()), "{m} {name}");
+            if cfg.max_rows > 0 {
+                assert_eq!(s.peak_rows, 3, "{m} {name}: peak rows");
+            }
+            let distinct = if cfg.share_prefill { 4 } else { prompts.len() };
+            assert_eq!(s.prefill_prompts, distinct, "{m} {name}: prompts encoded");
+            steps.push(s.decode_steps);
+        }
+        assert_eq!(s_all.peak_rows, prompts.len());
+        assert!(
+            steps[1] <= steps[2],
+            "{m}: refill took {} decoding steps, waves {}",
+            steps[1],
+            steps[2]
+        );
+        saved += steps[2] - steps[1];
+        // Sampled rows and log-probs still match a fresh forward pass after admissions.
+        let (got, _) = generate_scheduled(&ck.model, &prompts, &refill).unwrap();
+        let worst = sampler_vs_forward_logprobs(&ck.model, &got);
+        assert!(worst < 1e-5, "{m}: |Δ log π| = {worst}");
+    }
+    // Waves wait for each wave's longest row; refill does not (a late long row can still set
+    // the critical path, so this is over all three models).
+    assert!(saved > 0, "refill saved no decoding steps over waves");
+}

@@ -74,6 +74,7 @@ pub struct GrpoConfig {
     pub loss_type: LossType,
     pub scale_rewards: ScaleRewards,
     pub mask_truncated_completions: bool,
+    pub max_num_seqs: usize,
     pub sample_every: usize,
 }
 
@@ -93,6 +94,7 @@ impl Default for GrpoConfig {
             loss_type: LossType::Dapo,
             scale_rewards: ScaleRewards::Group,
             mask_truncated_completions: false,
+            max_num_seqs: 0,
             sample_every: 10,
         }
     }
@@ -114,6 +116,7 @@ impl Section for GrpoConfig {
         KeyDoc::new("loss_type", "\"grpo\" | \"bnpo\" | \"dr_grpo\" | \"dapo\": how token losses are averaged (TRL's definitions)"),
         KeyDoc::new("scale_rewards", "grpo's advantage divided by the group's reward std (\"group\"), the batch's (\"batch\") or not (\"none\")"),
         KeyDoc::new("mask_truncated_completions", "leave responses that hit max_completion_length out of the loss"),
+        KeyDoc::new("max_num_seqs", "rows that decode at once (vLLM's name; 0: the whole rollout); a finished row's place goes to the next waiting response"),
         KeyDoc::new("sample_every", "log prompts, responses and rewards to samples.jsonl every N iterations"),
     ];
 }

@@ -47,6 +47,7 @@ pub struct PpoConfig {
     pub ptx_coef: f64,
     pub ptx_batch_size: usize,
     pub ema_decay: f64,
+    pub max_num_seqs: usize,
     pub sample_every: usize,
 }
 
@@ -76,6 +77,7 @@ impl Default for PpoConfig {
             ptx_coef: 0.0,
             ptx_batch_size: 8,
             ema_decay: 0.0,
+            max_num_seqs: 0,
             sample_every: 10,
         }
     }
@@ -107,6 +109,7 @@ impl Section for PpoConfig {
         KeyDoc::new("ptx_coef", "γ_ptx of PPO-ptx (InstructGPT: 27.8); 0 is plain PPO"),
         KeyDoc::new("ptx_batch_size", "pretraining examples per optimizer step (InstructGPT: 8× the RL episodes)"),
         KeyDoc::new("ema_decay", "EMA of the policy weights for the saved model (InstructGPT: 0.992); 0: off"),
+        KeyDoc::new("max_num_seqs", "rows that decode at once (vLLM's name; 0: the whole rollout); a finished row's place goes to the next waiting response"),
         KeyDoc::new("sample_every", "log prompts, responses and scores to samples.jsonl every N iterations"),
     ];
 }
@@ -185,6 +188,8 @@ impl PpoConfig {
                 top_p: self.top_p,
                 stop_ids,
                 seed: 0,
+                max_rows: self.max_num_seqs,
+                ..Default::default()
             },
             sample_every: self.sample_every,
             ptx: (self.ptx_coef > 0.0).then_some(PretrainingMix {

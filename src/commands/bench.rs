@@ -469,6 +469,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     top_p: 1.0,
                     stop_ids: vec![],
                     seed: args.seed.wrapping_add(i as u64),
+                    ..Default::default()
                 };
                 let t = Instant::now();
                 let samples = generate(&model, &prompts, &sc)?;

@@ -163,6 +163,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         stop_ids,
         seed: args.seed,
+        ..Default::default()
     };
     // Each (prompt, sample) pair is one row; rows go through in batches.
     let rows: Vec<(usize, usize)> = (0..prompts.len())

@@ -165,6 +165,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             top_p: grpo.top_p,
             stop_ids: policy.stop_token_ids(),
             seed: 0,
+            max_rows: grpo.max_num_seqs,
+            ..Default::default()
         },
         sample_every: grpo.sample_every,
         ptx: None,

@@ -397,12 +397,12 @@ impl Bench<'_> {
             top_p: cfg.top_p,
             stop_ids: self.reference.stop_token_ids(),
             seed: cfg.seed,
+            // A finished row's place goes to the next prompt.
+            max_rows: cfg.batch_size * 4,
+            ..Default::default()
         };
         let prompt_ids: Vec<Vec<u32>> = self.prompts.iter().map(|p| p.ids.clone()).collect();
-        let mut samples = Vec::with_capacity(prompt_ids.len());
-        for chunk in prompt_ids.chunks(cfg.batch_size * 4) {
-            samples.extend(generate(&ck.model, chunk, &sampling)?);
-        }
+        let samples = generate(&ck.model, &prompt_ids, &sampling)?;
         let bodies: Vec<&[u32]> = samples.iter().map(|s| s.response()).collect();
         let texts: Vec<String> = bodies
             .iter()

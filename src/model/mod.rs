@@ -202,9 +202,89 @@ impl KvCache {
     /// Keeps (or repeats) the given batch rows: finished sequences leave a generation batch, and
     /// a prompt's prefill is copied to each of its samples.
     pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
+        *self = self.rows(rows)?;
+        Ok(())
+    }
+
+    /// A cache of the given rows (copies; repeated indices repeat a row).
+    pub fn rows(&self, rows: &Tensor) -> candle_core::Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|c| {
+                c.as_ref()
+                    .map(|c| {
+                        Ok(LayerCache {
+                            k: c.k.index_select(rows, 0)?,
+                            v: c.v.index_select(rows, 0)?,
+                            len: c.len,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Positions filled (0 before the first append).
+    pub fn len(&self) -> usize {
+        self.layers.iter().flatten().next().map_or(0, |c| c.len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of several caches in one, in order. Each part's rows are right-aligned (left-padded,
+    /// as a generation batch is), so a shorter part gets zero positions in front; callers mask
+    /// them. This is how rows that start later join a batch that is already decoding.
+    pub fn concat_rows(parts: &[&KvCache]) -> candle_core::Result<KvCache> {
+        let layers = parts.first().map_or(0, |p| p.layers.len());
+        let len = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut out = KvCache::new(layers);
+        for (l, slot) in out.layers.iter_mut().enumerate() {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for p in parts {
+                let Some(c) = &p.layers[l] else { continue };
+                let pad = |x: &Tensor| -> candle_core::Result<Tensor> {
+                    let filled = x.narrow(2, 0, c.len)?;
+                    if c.len == len {
+                        return Ok(filled);
+                    }
+                    let (b, kv, _, hd) = x.dims4()?;
+                    let zeros = Tensor::zeros((b, kv, len - c.len, hd), x.dtype(), x.device())?;
+                    Tensor::cat(&[&zeros, &filled], 2)
+                };
+                ks.push(pad(&c.k)?);
+                vs.push(pad(&c.v)?);
+            }
+            if ks.is_empty() {
+                continue;
+            }
+            let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
+            *slot = Some(LayerCache::with_capacity(&k, &v, len, len + KV_HEADROOM)?);
+        }
+        Ok(out)
+    }
+
+    /// Drops the oldest positions so that the last `len` remain (positions every row has as
+    /// padding, once the rows that needed them have left).
+    pub fn keep_last(&mut self, len: usize) -> candle_core::Result<()> {
         for c in self.layers.iter_mut().flatten() {
-            c.k = c.k.index_select(rows, 0)?;
-            c.v = c.v.index_select(rows, 0)?;
+            if len < c.len {
+                let start = c.len - len;
+                *c = LayerCache::with_capacity(
+                    &c.k.narrow(2, start, len)?,
+                    &c.v.narrow(2, start, len)?,
+                    len,
+                    c.capacity() - start,
+                )?;
+            }
         }
         Ok(())
     }
