@@ -261,10 +261,18 @@ fn fused_attention_matches_the_reference() {
 }
 
 /// The few-rows product on every tile remainder (rows and columns not multiples of 4, K not a
-/// multiple of 8), values and both gradients.
+/// multiple of 8), values and both gradients; and which products go to it.
 #[test]
 fn skinny_matmul_matches_matmul() {
-    for (m, k, n) in [(16, 64, 256), (5, 37, 131), (1, 8, 3), (32, 100, 70)] {
+    // 131 and 256 rows: the sizes a sampler's decoding steps give it (`skinny::takes`).
+    for (m, k, n) in [
+        (16, 64, 256),
+        (5, 37, 131),
+        (1, 8, 3),
+        (32, 100, 70),
+        (131, 72, 37),
+        (256, 576, 64),
+    ] {
         let (x, w) = (var(&[m, k], 1.0), var(&[n, k], 1.0));
         assert_same(
             &format!("skinny {m}x{k}x{n}"),
@@ -273,6 +281,16 @@ fn skinny_matmul_matches_matmul() {
             x.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap(),
         );
     }
+    use ops::skinny::{takes, DecodeScope, MAX_DECODE_ROWS, MAX_ROWS};
+    assert!(
+        takes(MAX_ROWS) && !takes(MAX_ROWS + 1),
+        "outside a decoding step"
+    );
+    let _decoding = DecodeScope::open();
+    assert!(
+        takes(MAX_DECODE_ROWS) && !takes(MAX_DECODE_ROWS + 1),
+        "in a decoding step"
+    );
 }
 
 /// A deterministic f32 matrix with entries in [-1, 1).

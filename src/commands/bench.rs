@@ -10,6 +10,11 @@
 //!   N new tokens each (no stop tokens), KV cache.
 //! * `dpo`: one DPO step on B chosen + B rejected sequences of length T run as one batch of 2B; the
 //!   second half of each sequence is the response; reference log-probs are fixed constants.
+//! * `rollout`: a GRPO-shaped rollout of a real checkpoint (`--model`) on real prompts
+//!   (`--prompts`, chat-formatted): the first B prompts × G samples at temperature 1 up to N new
+//!   tokens, each row stopping at the checkpoint's end-of-turn token; tokens/s counts the tokens
+//!   generated (stop tokens included). `--max-rows`, `--no-refill`, `--no-share-prefill` switch
+//!   the scheduling for A/B runs.
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
@@ -19,7 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use std::time::Instant;
 
-use crate::generate::{generate, SamplingConfig};
+use crate::generate::{generate, generate_scheduled, SamplingConfig};
 use crate::model::hparams::ModelConfig;
 use crate::model::init::{gpt2_small_config, random_weights, smollm2_135m_config};
 use crate::model::{CausalLm, StepInputs};
@@ -34,6 +39,8 @@ pub enum Workload {
     /// The matmul kernels alone at the training shapes of `--arch` (B·T rows): GFLOP/s of each
     /// path this CPU has, forward and both backward layouts.
     Matmul,
+    /// Sampling from a real checkpoint on real prompts until each row's stop token.
+    Rollout,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -88,7 +95,7 @@ fn qwen25_config(hidden: usize, inter: usize, layers: usize, heads: usize) -> Mo
 pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub workload: Workload,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, default_value = "smollm2")]
     pub arch: Arch,
     /// Sequences per step (train), prompts (generate) or preference pairs (dpo).
     #[arg(long)]
@@ -126,6 +133,21 @@ pub struct BenchArgs {
     /// Store the frozen base of a LoRA run in bf16 (`frozen_dtype = "bf16"`).
     #[arg(long)]
     pub frozen_bf16: bool,
+    /// rollout: the checkpoint (HF directory or .gguf).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// rollout: prompt file (`{"prompt": …}` JSONL or Parquet), chat-formatted.
+    #[arg(long)]
+    pub prompts: Option<String>,
+    /// rollout: at most this many rows decode at once (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub max_rows: usize,
+    /// rollout: run rows in waves of --max-rows instead of refilling finished rows' places.
+    #[arg(long)]
+    pub no_refill: bool,
+    /// rollout: every row prefills its own copy of its prompt.
+    #[arg(long)]
+    pub no_share_prefill: bool,
 }
 
 const LR: f64 = 1e-5;
@@ -371,6 +393,9 @@ fn matmul_workload(cfg: &ModelConfig, rows: usize, repeats: usize) -> Result<()>
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.workload == Workload::Rollout {
+        return rollout_workload(args);
+    }
     if args.batch == 0 || args.seq < 2 || args.repeats == 0 {
         bail!("--batch and --repeats must be at least 1 and --seq at least 2");
     }
@@ -454,7 +479,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 dpo_step(&model, optimizer.as_mut().unwrap(), &ids, &ref_lp)?;
                 (t.elapsed(), "step")
             }
-            Workload::Matmul => unreachable!("handled above"),
+            Workload::Matmul | Workload::Rollout => unreachable!("handled above"),
             Workload::Generate => {
                 let g = args.group.max(1);
                 let prompts: Vec<Vec<u32>> = prompt_lengths(args.batch, args.seq)
@@ -525,6 +550,128 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "cpu_flags": ops::cpu::cpu().flags(),
             "kernels": ops::cpu::kernel_paths().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             // Average cores used by other processes / taken by the hypervisor during each timed run.
+            "other_cpu": other_cpu,
+            "steal_cpu": steal_cpu,
+        })
+    );
+    Ok(())
+}
+
+/// The `rollout` workload: tokens/s of sampling a real model on real prompts, G rows per prompt.
+fn rollout_workload(args: &BenchArgs) -> Result<()> {
+    let (Some(model_path), Some(prompt_path)) = (&args.model, &args.prompts) else {
+        bail!("--workload rollout needs --model and --prompts");
+    };
+    if args.batch == 0 || args.repeats == 0 {
+        bail!("--batch and --repeats must be at least 1");
+    }
+    let t_build = Instant::now();
+    let mut ck = crate::checkpoint::Checkpoint::load(model_path, false)?;
+    let (prompts, _) =
+        crate::data::prompts::read_prompts(prompt_path, ck.tokenizer()?, true, usize::MAX)?;
+    if prompts.len() < args.batch {
+        bail!(
+            "{prompt_path}: {} prompts, --batch asks for {}",
+            prompts.len(),
+            args.batch
+        );
+    }
+    let g = args.group.max(1);
+    let rows: Vec<Vec<u32>> = prompts[..args.batch]
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.ids.clone(), g))
+        .collect();
+    let decode16 = args.bf16 && ck.model.use_bf16_decode_weights(true)?;
+    let label = format!(
+        "rlhf rollout {} rows{}{}{}",
+        rows.len(),
+        if args.max_rows > 0 {
+            format!(
+                ", at most {} at once ({})",
+                args.max_rows,
+                if args.no_refill { "waves" } else { "refill" }
+            )
+        } else {
+            String::new()
+        },
+        if args.no_share_prefill {
+            ", unshared prefill"
+        } else {
+            ""
+        },
+        if decode16 {
+            ", bf16 decode weights"
+        } else {
+            ""
+        },
+    );
+    eprintln!(
+        "{label}: {model_path} loaded in {:.1}s",
+        t_build.elapsed().as_secs_f64()
+    );
+    let (mut times, mut tokens, mut schedules) = (vec![], vec![], vec![]);
+    let (mut other_cpu, mut steal_cpu) = (vec![], vec![]);
+    for i in 0..args.warmup + args.repeats {
+        let sc = SamplingConfig {
+            max_new_tokens: args.new_tokens,
+            stop_ids: ck.stop_token_ids(),
+            seed: args.seed.wrapping_add(i as u64),
+            max_rows: args.max_rows,
+            refill: !args.no_refill,
+            share_prefill: !args.no_share_prefill,
+            ..Default::default()
+        };
+        let before = CpuSnap::now();
+        let t = Instant::now();
+        let (samples, schedule) = generate_scheduled(&ck.model, &rows, &sc)?;
+        let secs = t.elapsed().as_secs_f64();
+        let (other, steal) = match (before, CpuSnap::now()) {
+            (Some(a), Some(b)) => a.other_load(&b),
+            _ => (f64::NAN, f64::NAN),
+        };
+        let n: usize = samples.iter().map(|s| s.tokens.len()).sum();
+        let warm = i < args.warmup;
+        eprintln!(
+            "{label}: rollout {}/{} {secs:.2}s, {n} tokens ({:.1} tokens/s), {} decoding steps{} (other processes {other:.2} cores, steal {steal:.2})",
+            i + 1,
+            args.warmup + args.repeats,
+            n as f64 / secs,
+            schedule.decode_steps,
+            if warm { " (warm-up)" } else { "" }
+        );
+        if !warm {
+            times.push(secs);
+            tokens.push(n);
+            schedules.push(json!({
+                "decode_steps": schedule.decode_steps,
+                "row_steps": schedule.row_steps,
+                "prefill_prompts": schedule.prefill_prompts,
+                "prefill_tokens": schedule.prefill_tokens,
+                "admissions": schedule.admissions,
+                "peak_rows": schedule.peak_rows,
+            }));
+            other_cpu.push((other * 100.0).round() / 100.0);
+            steal_cpu.push((steal * 100.0).round() / 100.0);
+        }
+    }
+    println!(
+        "{}",
+        json!({
+            "workload": "rollout",
+            "model": model_path,
+            "times_s": times,
+            "tokens": tokens,
+            "peak_rss_mb": (peak_rss_mb()? * 10.0).round() / 10.0,
+            "batch": args.batch,
+            "group": g,
+            "new_tokens": args.new_tokens,
+            "max_rows": args.max_rows,
+            "refill": !args.no_refill,
+            "share_prefill": !args.no_share_prefill,
+            "bf16_decode_weights": decode16,
+            "schedules": schedules,
+            "cpu": ops::cpu::cpu().model,
+            "cpu_flags": ops::cpu::cpu().flags(),
             "other_cpu": other_cpu,
             "steal_cpu": steal_cpu,
         })

@@ -14,7 +14,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::model::{check_ids, CausalLm, KvCache, StepInputs};
+use crate::model::{check_ids, swap_remove_order, CacheRows, CausalLm, KvCache, StepInputs};
 use crate::ops;
 pub use sampler::sampling_logprobs;
 use sampler::{argmax, draw, NextToken};
@@ -161,7 +161,7 @@ pub fn generate_scheduled(
     // Refill once an eighth of the places are free: each admission copies the batch's cache.
     let refill_at = (cap / 8).max(1);
     let mut prefills = Prefills::new(model, prompts, cfg.share_prefill);
-    let mut batch = Batch::new(mc.num_layers);
+    let mut batch = Batch::new(mc.num_layers, cfg.max_new_tokens);
     let mut admitted = 0;
     let plain = cfg.temperature == 1.0 && cfg.top_k == 0 && cfg.top_p >= 1.0;
     loop {
@@ -210,10 +210,14 @@ pub fn generate_scheduled(
                 fed.push(tok as u32);
             }
         }
-        batch.keep(&keep)?;
+        let order = batch.keep(&keep)?;
         if batch.rows.is_empty() {
             continue;
         }
+        // `fed[k]` belongs to old row keep[k]; put it in that row's new place.
+        let fed_of: std::collections::HashMap<usize, u32> =
+            keep.iter().copied().zip(fed.iter().copied()).collect();
+        let fed: Vec<u32> = order.iter().map(|j| fed_of[j]).collect();
 
         // Phase 3: the kept rows' new tokens through the model.
         batch.step(model, fed, &samples, prefills.pad)?;
@@ -229,15 +233,18 @@ pub fn generate_scheduled(
 struct Batch {
     /// The prompt index of each batch row.
     rows: Vec<usize>,
+    /// Positions the cache reserves when it is rebuilt (the most a row can still add).
+    headroom: usize,
     key_mask: Vec<Vec<u8>>,
     cache: KvCache,
     logits: Vec<Vec<f32>>,
 }
 
 impl Batch {
-    fn new(num_layers: usize) -> Self {
+    fn new(num_layers: usize, headroom: usize) -> Self {
         Batch {
             rows: vec![],
+            headroom,
             key_mask: vec![],
             cache: KvCache::new(num_layers),
             logits: vec![],
@@ -254,44 +261,37 @@ impl Batch {
             .map(|m| m.iter().position(|&x| x != 0).unwrap_or(m.len()))
             .min()
             .unwrap_or(0);
-        if lead > 0 {
-            self.cache.keep_last(self.cache.len() - lead)?;
-            for m in &mut self.key_mask {
-                m.drain(..lead);
-            }
+        for m in &mut self.key_mask {
+            m.drain(..lead);
         }
+        let live: Vec<usize> = (0..self.rows.len()).collect();
+        let mut parts = vec![CacheRows {
+            cache: &self.cache,
+            rows: &live,
+            from: lead,
+        }];
         // The new rows' keys and values, one part per run of rows from the same prefill.
-        let mut parts: Vec<KvCache> = Vec::new();
-        let mut start = 0;
-        while start < new.len() {
-            let b = prefills.slot(new[start]).0;
-            let end = start
-                + new[start..]
-                    .iter()
-                    .take_while(|&&r| prefills.slot(r).0 == b)
-                    .count();
-            let picked: Vec<u32> = new[start..end]
-                .iter()
-                .map(|&r| prefills.slot(r).1 as u32)
-                .collect();
-            let done = prefills.batches[b].as_ref().expect("a live prefill");
-            parts.push(done.cache.rows(&Tensor::from_vec(
-                picked.clone(),
-                picked.len(),
-                &Device::Cpu,
-            )?)?);
-            for &i in &picked {
-                self.key_mask.push(done.mask[i as usize].clone());
-                self.logits.push(done.logits[i as usize].clone());
+        let picks: Vec<(usize, Vec<usize>)> = new
+            .chunk_by(|&a, &b| prefills.slot(a).0 == prefills.slot(b).0)
+            .map(|run| {
+                let b = prefills.slot(run[0]).0;
+                (b, run.iter().map(|&r| prefills.slot(r).1).collect())
+            })
+            .collect();
+        for (b, picked) in &picks {
+            let done = prefills.batches[*b].as_ref().expect("a live prefill");
+            parts.push(CacheRows {
+                cache: &done.cache,
+                rows: picked,
+                from: 0,
+            });
+            for &i in picked {
+                self.key_mask.push(done.mask[i].clone());
+                self.logits.push(done.logits[i].clone());
             }
-            start = end;
         }
-        let mut all: Vec<&KvCache> = Vec::with_capacity(parts.len() + 1);
-        if !self.rows.is_empty() {
-            all.push(&self.cache);
-        }
-        all.extend(parts.iter());
-        self.cache = KvCache::concat_rows(&all)?;
+        let cache = KvCache::gather(&parts, self.headroom)?;
+        self.cache = cache;
         let len = self.cache.len();
         for m in &mut self.key_mask {
             if m.len() < len {
@@ -303,24 +303,28 @@ impl Batch {
         Ok(())
     }
 
-    /// Keeps batch rows `keep` (in order); the others have finished.
-    fn keep(&mut self, keep: &[usize]) -> Result<()> {
+    /// Keeps batch rows `keep` (ascending); the others have finished. Returns the kept rows' old
+    /// indices in their new places (for the caller's per-row values).
+    fn keep(&mut self, keep: &[usize]) -> Result<Vec<usize>> {
         if keep.len() == self.rows.len() {
-            return Ok(());
+            return Ok(keep.to_vec());
         }
         if keep.is_empty() {
             self.rows.clear();
             self.key_mask.clear();
             self.logits.clear();
             self.cache = KvCache::new(self.cache_layers());
-            return Ok(());
+            return Ok(vec![]);
         }
-        let idx: Vec<u32> = keep.iter().map(|&j| j as u32).collect();
-        self.cache
-            .select_rows(&Tensor::from_vec(idx, keep.len(), &Device::Cpu)?)?;
-        self.key_mask = keep.iter().map(|&j| self.key_mask[j].clone()).collect();
-        self.rows = keep.iter().map(|&j| self.rows[j]).collect();
-        Ok(())
+        // In place: each leaving row's place takes a row from the end of the batch.
+        let order = swap_remove_order(self.rows.len(), keep);
+        self.cache.compact(&order)?;
+        self.key_mask = order
+            .iter()
+            .map(|&j| std::mem::take(&mut self.key_mask[j]))
+            .collect();
+        self.rows = order.iter().map(|&j| self.rows[j]).collect();
+        Ok(order)
     }
 
     fn cache_layers(&self) -> usize {
@@ -360,6 +364,7 @@ impl Batch {
             let (ids, mask) = left_padded(&full, pad);
             self.key_mask = mask;
             self.cache = KvCache::new(mc.num_layers);
+            self.cache.reserve(self.headroom);
             let inp = StepInputs::from_padded(mc, &ids, &self.key_mask)?;
             let hidden = model.forward_hidden(&inp, Some(&mut self.cache))?;
             let t = ids[0].len();

@@ -67,7 +67,7 @@ impl Linear {
         );
         let x2 = x.reshape((rows, inp))?;
         let mut y = match &self.decode {
-            Some(w16) if rows <= skinny::MAX_ROWS && skinny::decoding() => {
+            Some(w16) if skinny::takes(rows) && skinny::decoding() => {
                 skinny::matmul_t_bf16(&x2, w16)?
             }
             // A frozen weight under an input that takes gradients: skip ∂L/∂W; a bf16-stored

@@ -117,19 +117,23 @@ pub fn check_ids(cfg: &ModelConfig, ids: &[Vec<u32>]) -> Result<()> {
 
 /// Keys and values of every layer for the positions seen so far: [B, KV, S, hd] each, in
 /// buffers with room to grow, so that a decoding step writes its new position in place instead of
-/// copying the whole cache (which made long, wide rollouts quadratic in memory traffic).
+/// copying the whole cache (which made long, wide rollouts quadratic in memory traffic). Rows that
+/// leave are compacted in place too: the buffers keep their size and the first `rows` are live.
 pub struct KvCache {
     layers: Vec<Option<LayerCache>>,
+    /// Positions a buffer made from now on holds beyond what it is made with.
+    headroom: usize,
 }
 
-/// One layer's buffers [B, KV, capacity, hd] and how many positions are filled.
+/// One layer's buffers [B, KV, capacity, hd]: the first `rows` rows and `len` positions are live.
 struct LayerCache {
     k: Tensor,
     v: Tensor,
+    rows: usize,
     len: usize,
 }
 
-/// Positions a fresh buffer holds beyond its first append.
+/// Positions a fresh buffer holds beyond its first append, unless the caller reserves more.
 const KV_HEADROOM: usize = 128;
 
 impl LayerCache {
@@ -153,8 +157,14 @@ impl LayerCache {
         Ok(LayerCache {
             k: buf(k)?,
             v: buf(v)?,
+            rows: b,
             len,
         })
+    }
+
+    /// The live part of a buffer: its first `rows` rows (a view; rows stay contiguous).
+    fn live(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.narrow(0, 0, self.rows)
     }
 }
 
@@ -162,7 +172,15 @@ impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
+            headroom: KV_HEADROOM,
         }
+    }
+
+    /// Buffers made from now on (the first append, a growth, a concatenation) hold `positions`
+    /// more than they are made with: a sampler that knows how many tokens it may still add
+    /// reserves them once instead of growing the buffers.
+    pub fn reserve(&mut self, positions: usize) {
+        self.headroom = positions.max(1);
     }
 
     /// Appends this step's keys and values for `layer`; returns all of them (views of the
@@ -178,52 +196,52 @@ impl KvCache {
         let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
         let t = k.dim(2)?;
         let c = match self.layers[layer].take() {
-            None => LayerCache::with_capacity(&k, &v, t, t + KV_HEADROOM)?,
+            None => LayerCache::with_capacity(&k, &v, t, t + self.headroom)?,
             Some(c) if c.len + t > c.capacity() => {
-                let cap = (2 * c.capacity()).max(c.len + t);
-                let mut grown = LayerCache::with_capacity(&c.k, &c.v, c.len, cap)?;
+                let cap = (c.capacity() + self.headroom).max(c.len + t);
+                let mut grown =
+                    LayerCache::with_capacity(&c.live(&c.k)?, &c.live(&c.v)?, c.len, cap)?;
                 grown.k.slice_set(&k, 2, c.len)?;
                 grown.v.slice_set(&v, 2, c.len)?;
                 grown.len += t;
                 grown
             }
             Some(mut c) => {
-                c.k.slice_set(&k, 2, c.len)?;
-                c.v.slice_set(&v, 2, c.len)?;
+                c.live(&c.k)?.slice_set(&k, 2, c.len)?;
+                c.live(&c.v)?.slice_set(&v, 2, c.len)?;
                 c.len += t;
                 c
             }
         };
-        let out = (c.k.narrow(2, 0, c.len)?, c.v.narrow(2, 0, c.len)?);
+        let out = (
+            c.live(&c.k)?.narrow(2, 0, c.len)?,
+            c.live(&c.v)?.narrow(2, 0, c.len)?,
+        );
         self.layers[layer] = Some(c);
         Ok(out)
     }
 
-    /// Keeps (or repeats) the given batch rows: finished sequences leave a generation batch, and
-    /// a prompt's prefill is copied to each of its samples.
-    pub fn select_rows(&mut self, rows: &Tensor) -> candle_core::Result<()> {
-        *self = self.rows(rows)?;
+    /// Keeps the rows of the batch that `keep` says (old index of each kept row, in its new
+    /// place), in place: only rows that change places are copied. Each source must be its own
+    /// place or a place past the kept rows, which `swap_remove_order` gives.
+    pub fn compact(&mut self, keep: &[usize]) -> candle_core::Result<()> {
+        let n = keep.len();
+        for c in self.layers.iter_mut().flatten() {
+            for (to, &from) in keep.iter().enumerate() {
+                if from == to {
+                    continue;
+                }
+                if from < n || from >= c.rows {
+                    candle_core::bail!("compact: row {from} cannot move to row {to} of {n}");
+                }
+                for buf in [&c.k, &c.v] {
+                    let row = buf.narrow(0, from, 1)?.narrow(2, 0, c.len)?.contiguous()?;
+                    buf.narrow(0, to, 1)?.slice_set(&row, 2, 0)?;
+                }
+            }
+            c.rows = n;
+        }
         Ok(())
-    }
-
-    /// A cache of the given rows (copies; repeated indices repeat a row).
-    pub fn rows(&self, rows: &Tensor) -> candle_core::Result<KvCache> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|c| {
-                c.as_ref()
-                    .map(|c| {
-                        Ok(LayerCache {
-                            k: c.k.index_select(rows, 0)?,
-                            v: c.v.index_select(rows, 0)?,
-                            len: c.len,
-                        })
-                    })
-                    .transpose()
-            })
-            .collect::<candle_core::Result<_>>()?;
-        Ok(KvCache { layers })
     }
 
     pub fn num_layers(&self) -> usize {
@@ -239,55 +257,86 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Rows of several caches in one, in order. Each part's rows are right-aligned (left-padded,
-    /// as a generation batch is), so a shorter part gets zero positions in front; callers mask
-    /// them. This is how rows that start later join a batch that is already decoding.
-    pub fn concat_rows(parts: &[&KvCache]) -> candle_core::Result<KvCache> {
-        let layers = parts.first().map_or(0, |p| p.layers.len());
-        let len = parts.iter().map(|p| p.len()).max().unwrap_or(0);
+    /// Rows of several caches in one buffer, in order: from each part its `rows`, positions
+    /// `from..` of each. Each part's rows are right-aligned (left-padded, as a generation batch
+    /// is), so a shorter part gets zero positions in front; callers mask them. This is how rows
+    /// that start later join a batch that is already decoding, with one copy of each row. The new
+    /// buffers hold `headroom` positions more (and keep reserving that many).
+    pub fn gather(parts: &[CacheRows], headroom: usize) -> candle_core::Result<KvCache> {
+        let layers = parts.first().map_or(0, |p| p.cache.layers.len());
+        let len = parts
+            .iter()
+            .filter(|p| !p.rows.is_empty())
+            .map(|p| p.cache.len().saturating_sub(p.from))
+            .max()
+            .unwrap_or(0);
+        let n: usize = parts.iter().map(|p| p.rows.len()).sum();
         let mut out = KvCache::new(layers);
+        out.headroom = headroom;
         for (l, slot) in out.layers.iter_mut().enumerate() {
-            let mut ks = Vec::with_capacity(parts.len());
-            let mut vs = Vec::with_capacity(parts.len());
-            for p in parts {
-                let Some(c) = &p.layers[l] else { continue };
-                let pad = |x: &Tensor| -> candle_core::Result<Tensor> {
-                    let filled = x.narrow(2, 0, c.len)?;
-                    if c.len == len {
-                        return Ok(filled);
-                    }
-                    let (b, kv, _, hd) = x.dims4()?;
-                    let zeros = Tensor::zeros((b, kv, len - c.len, hd), x.dtype(), x.device())?;
-                    Tensor::cat(&[&zeros, &filled], 2)
-                };
-                ks.push(pad(&c.k)?);
-                vs.push(pad(&c.v)?);
-            }
-            if ks.is_empty() {
+            let nonempty = parts.iter().filter(|p| !p.rows.is_empty());
+            let Some(first) = nonempty
+                .into_iter()
+                .find_map(|p| p.cache.layers[l].as_ref())
+            else {
                 continue;
+            };
+            let (_, kv, _, hd) = first.k.dims4()?;
+            let buf = || {
+                Tensor::zeros(
+                    (n, kv, len + headroom, hd),
+                    first.k.dtype(),
+                    first.k.device(),
+                )
+            };
+            let (k, v) = (buf()?, buf()?);
+            let mut to = 0;
+            for p in parts.iter().filter(|p| !p.rows.is_empty()) {
+                let Some(c) = &p.cache.layers[l] else {
+                    candle_core::bail!("gather: a part has no layer {l}");
+                };
+                let span = c.len - p.from;
+                for &from in p.rows {
+                    for (dst, src) in [(&k, &c.k), (&v, &c.v)] {
+                        let row = src
+                            .narrow(0, from, 1)?
+                            .narrow(2, p.from, span)?
+                            .contiguous()?;
+                        dst.narrow(0, to, 1)?.slice_set(&row, 2, len - span)?;
+                    }
+                    to += 1;
+                }
             }
-            let (k, v) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
-            *slot = Some(LayerCache::with_capacity(&k, &v, len, len + KV_HEADROOM)?);
+            *slot = Some(LayerCache { k, v, rows: n, len });
         }
         Ok(out)
     }
+}
 
-    /// Drops the oldest positions so that the last `len` remain (positions every row has as
-    /// padding, once the rows that needed them have left).
-    pub fn keep_last(&mut self, len: usize) -> candle_core::Result<()> {
-        for c in self.layers.iter_mut().flatten() {
-            if len < c.len {
-                let start = c.len - len;
-                *c = LayerCache::with_capacity(
-                    &c.k.narrow(2, start, len)?,
-                    &c.v.narrow(2, start, len)?,
-                    len,
-                    c.capacity() - start,
-                )?;
-            }
+/// Some rows of a cache, from position `from` on, for `KvCache::gather`.
+pub struct CacheRows<'a> {
+    pub cache: &'a KvCache,
+    pub rows: &'a [usize],
+    pub from: usize,
+}
+
+/// The order of a batch after rows leave, moving as few rows as possible: each leaving row's place
+/// below the new size takes a kept row from past it. Returns the old index of each kept row in
+/// its new place (for `KvCache::compact` and the batch's own per-row state).
+pub fn swap_remove_order(rows: usize, keep: &[usize]) -> Vec<usize> {
+    let n = keep.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    let kept = |i: usize| keep.binary_search(&i).is_ok();
+    let mut movers = keep.iter().copied().filter(|&i| i >= n);
+    for (place, slot) in order.iter_mut().enumerate() {
+        if !kept(place) {
+            *slot = movers
+                .next()
+                .expect("as many kept rows past n as holes below it");
         }
-        Ok(())
     }
+    debug_assert!(rows >= n);
+    order
 }
 
 /// How the weight matrices of a model that does not train are stored (`frozen_dtype`): a LoRA
@@ -645,7 +694,7 @@ impl CausalLm {
         *out.last_mut().unwrap() = w.dim(0)?;
         let h = hidden.reshape((rows, d))?;
         let logits = match &self.lm_head_decode {
-            Some(w16) if rows <= ops::skinny::MAX_ROWS && ops::skinny::decoding() => {
+            Some(w16) if ops::skinny::takes(rows) && ops::skinny::decoding() => {
                 ops::skinny::matmul_t_bf16(&h, w16)?
             }
             _ if w.dtype() == candle_core::DType::BF16 => {

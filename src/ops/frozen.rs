@@ -35,7 +35,7 @@ impl CustomOp1 for FrozenMatmul {
         if self.w.dtype() == DType::BF16 {
             let n = self.w.dim(0)?;
             let out = with_bf16(&self.w, |w| {
-                Ok(if m <= skinny::MAX_ROWS {
+                Ok(if skinny::takes(m) {
                     skinny::product_bf16(x, w, m)
                 } else {
                     matmul_t_widened(x, w, m)

@@ -99,7 +99,7 @@ impl OpsPath {
     /// bf16 matmuls on (`bf16::set_enabled`), larger products take bf16 operands.
     pub fn matmul_t(self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let f32_cpu = self.fused(x) && w.dtype() == DType::F32;
-        if f32_cpu && x.dim(0)? <= skinny::MAX_ROWS {
+        if f32_cpu && skinny::takes(x.dim(0)?) {
             skinny::matmul_t(x, w)
         } else if f32_cpu && bf16::enabled() {
             bf16::matmul_t(x, w)

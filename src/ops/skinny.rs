@@ -12,8 +12,19 @@ use rayon::prelude::*;
 use super::cpu::Isa;
 use super::kernel::{contiguous, SharedMut};
 
-/// The largest number of rows this kernel takes; more rows amortise GEMM packing.
+/// The largest number of rows this kernel takes in training and scoring passes; more rows
+/// amortise GEMM packing.
 pub const MAX_ROWS: usize = 32;
+/// The largest number of rows it takes in a sampler's decoding step. There every matmul is a
+/// fresh, short product (one token per sequence), and on the Xeon of bench/RESULTS.md this
+/// kernel beat the packing GEMM at 128 rows too: a GRPO rollout of 128 rows took 73 s instead of
+/// 96 s (`bench/rollout.sh`).
+pub const MAX_DECODE_ROWS: usize = 256;
+
+/// Whether an m-row product goes to this kernel (rather than the GEMM) on the calling thread.
+pub fn takes(m: usize) -> bool {
+    m <= MAX_ROWS || (m <= MAX_DECODE_ROWS && decoding())
+}
 const LANES: usize = 8;
 
 /// out[i, j] = Σ_k x[i, k]·w[j, k] for rows i..i+B of x and j..j+A of w.
@@ -305,7 +316,7 @@ impl CustomOp2 for Skinny {
     }
 }
 
-/// x [m, k] · w [n, k]ᵀ for m ≤ `MAX_ROWS` (f32, CPU).
+/// x [m, k] · w [n, k]ᵀ for the rows `takes` admits (f32, CPU).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, Skinny)
 }
@@ -534,12 +545,12 @@ pub fn bf16_decode_available() -> bool {
     path() == Isa::Avx512
 }
 
-/// x [m, k] · wᵀ with the bf16 copy of w (m ≤ `MAX_ROWS`; no gradient).
+/// x [m, k] · wᵀ with the bf16 copy of w (rows as `takes` admits; no gradient).
 pub fn matmul_t_bf16(x: &Tensor, w: &Bf16Weights) -> Result<Tensor> {
     matmul_t_bf16_view(x, w.view())
 }
 
-/// x [m, k] · wᵀ for a borrowed bf16 w (m ≤ `MAX_ROWS`; no gradient).
+/// x [m, k] · wᵀ for a borrowed bf16 w (rows as `takes` admits; no gradient).
 pub fn matmul_t_bf16_view(x: &Tensor, w: Bf16View) -> Result<Tensor> {
     x.contiguous()?.detach().apply_op1_no_bwd(&SkinnyBf16(w))
 }
