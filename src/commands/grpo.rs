@@ -35,7 +35,7 @@ impl Default for GrpoRunConfig {
             ref_model: String::new(),
             reward_funcs: vec![],
             reward_weights: vec![],
-            reward_timeout: 60.0,
+            reward_timeout: crate::reward::funcs::DEFAULT_EXEC_TIMEOUT.as_secs_f64(),
             prompt_file: String::new(),
             max_prompt_length: 512,
             chat: false,

@@ -51,7 +51,7 @@ impl Section for PpoRunConfig {
     const KEYS: &'static [KeyDoc] = &[
         KeyDoc::required("model", "policy to train (the SFT model): HF dir, .gguf, or cached repo id").path(),
         KeyDoc::new("ref_model", "frozen reference for the KL penalty; empty: the policy's starting weights").path(),
-        KeyDoc::required("reward", "reward-model dir (rlhf rm / any *ForSequenceClassification), \"vader\", or \"rule:contains:WORD\" / \"rule:ids:LO-HI\"").path(),
+        KeyDoc::required("reward", "reward-model dir (rlhf rm / any *ForSequenceClassification), \"vader\", \"rule:contains:WORD\" / \"rule:ids:LO-HI\", or any of rlhf grpo's reward_funcs (e.g. \"accuracy\")").path(),
         KeyDoc::new("value_model", "value model's starting point; empty: the reward model when it is a model (InstructGPT), else the policy").path(),
         KeyDoc::required("prompt_file", "prompts {\"prompt\": text or messages} (.jsonl or .parquet)").path(),
         KeyDoc::new("max_prompt_length", "longer prompts keep their last tokens (counted)"),
@@ -159,8 +159,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         eprintln!("ptx data: {summary}");
         examples
     };
-    let mut reward =
-        crate::reward::from_spec(&run.reward, tok, train_cfg.per_device_eval_batch_size)?;
+    let mut reward = crate::reward::from_funcs(
+        std::slice::from_ref(&run.reward),
+        &[],
+        tok,
+        train_cfg.per_device_eval_batch_size,
+        crate::reward::funcs::DEFAULT_EXEC_TIMEOUT,
+    )?;
     eprintln!("reward: {}", reward.describe());
     let (reference, value, value_head, value_source) =
         load_reference_and_value(&run, &train_cfg, &lora, &policy)?;

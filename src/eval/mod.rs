@@ -73,7 +73,7 @@ impl Section for EvalConfig {
         KeyDoc::required("policies", "list of \"name=path\" (or paths) to sample from"),
         KeyDoc::shown("baseline", "first policy", "name of the policy the others' win rates are against"),
         KeyDoc::shown("reference", "baseline's path", "π_ref of the KL estimate").path(),
-        KeyDoc::required("judge", "reward-model dir, \"vader\", or \"rule:…\"").path(),
+        KeyDoc::required("judge", "reward-model dir, \"vader\", \"rule:…\", or any of rlhf grpo's reward_funcs (e.g. \"accuracy\": the prompt records' answer column)").path(),
         KeyDoc::required("prompt_file", "prompts {\"prompt\": text or messages}").path(),
         KeyDoc::new("max_prompts", "use the first N prompts (0: all)"),
         KeyDoc::new("chat", "wrap string prompts in the chat template"),
@@ -287,7 +287,13 @@ pub fn run_eval(cfg: &EvalConfig) -> Result<EvalReport> {
     if cfg.max_prompts > 0 {
         prompts.truncate(cfg.max_prompts);
     }
-    let mut judge = crate::reward::from_spec(&cfg.judge, tok, cfg.batch_size)?;
+    let mut judge = crate::reward::from_funcs(
+        std::slice::from_ref(&cfg.judge),
+        &[],
+        tok,
+        cfg.batch_size,
+        crate::reward::funcs::DEFAULT_EXEC_TIMEOUT,
+    )?;
     let corpora = cfg
         .text_file
         .paths()
@@ -413,7 +419,7 @@ impl Bench<'_> {
             .zip(self.prompts)
             .zip(bodies.iter().zip(&texts))
             .map(|((s, p), (b, t))| Episode {
-                columns: None,
+                columns: Some(&p.columns),
                 prompt_ids: &s.prompt,
                 response_ids: b,
                 prompt_text: &p.text,

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use super::{Episode, RewardSource};
 
+/// How long an `exec:` reward program may take per answer unless a run says otherwise.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// 1 when the response's final answer equals the prompt record's `column` (numerically when both
 /// are numbers, else as trimmed text), else 0. The final answer is what `<answer>…</answer>`
 /// holds, else the last `\boxed{…}`, else what follows GSM8K's `####`, else the last number.

@@ -70,9 +70,13 @@ impl RewardSource for VaderReward {
     }
 }
 
-/// Whether `spec` names a built-in scorer (`vader`, `rule:…`) rather than a reward model.
+/// Whether `spec` names a built-in scorer (`vader`, `rule:…`, or one of `from_funcs`' functions)
+/// rather than a reward model.
 pub fn is_builtin(spec: &str) -> bool {
-    spec == "vader" || spec.starts_with("rule:")
+    matches!(spec, "vader" | "accuracy" | "think_format")
+        || ["rule:", "accuracy:", "format:", "soft_overlong:", "exec:"]
+            .iter()
+            .any(|p| spec.starts_with(p))
 }
 
 /// `reward_funcs` with `reward_weights` (empty: 1 each), one source: the built-in functions
@@ -118,7 +122,7 @@ pub fn from_funcs(
         } else if let Some(cmd) = spec.strip_prefix("exec:") {
             ("exec".into(), Box::new(ExecReward::new(cmd, exec_timeout)))
         } else {
-            let name = if is_builtin(spec) {
+            let name = if spec == "vader" || spec.starts_with("rule:") {
                 spec.split(':').next().unwrap_or(spec).to_string()
             } else {
                 std::path::Path::new(spec)
