@@ -179,3 +179,43 @@ fn plot_redraws_the_charts_from_results_json() {
         "{err}"
     );
 }
+
+/// The judge takes every reward function, and the prompt records' other columns reach it: a
+/// program judge that scores 1 exactly when it is given `"answer":"7"` averages to the share of
+/// prompts whose record says 7.
+#[test]
+fn a_reward_function_judge_sees_the_prompt_records_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_jsonl(
+        &prompts,
+        &[
+            json!({"prompt": "the cat sat", "answer": "7"}),
+            json!({"prompt": "a dog ran", "answer": "3"}),
+            json!({"prompt": "one more", "answer": "7"}),
+            json!({"prompt": "and the last", "answer": "5"}),
+        ],
+    );
+    let script = tmp.path().join("judge.sh");
+    std::fs::write(
+        &script,
+        "while read -r line; do case \"$line\" in *'\"answer\":\"7\"'*) echo '{\"reward\": 1}';; *) echo '{\"reward\": 0}';; esac; done\n",
+    )
+    .unwrap();
+    let model = model_path("llama-tied");
+    let dir = tmp.path().join("out");
+    let o = run_with_sets(
+        &["eval"],
+        &[
+            format!("policies=[\"a={model}\"]"),
+            format!("judge=\"exec:sh {}\"", script.display()),
+            format!("prompt_file=\"{}\"", prompts.display()),
+            "response_length=4".into(),
+            format!("output_dir=\"{}\"", dir.display()),
+        ],
+    );
+    assert_ok(&o);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    assert_eq!(r["results"][0]["mean_reward"].as_f64().unwrap(), 0.5);
+}

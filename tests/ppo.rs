@@ -398,3 +398,38 @@ fn ppo_with_lora_uses_the_base_as_reference_and_saves_an_adapter() {
     );
     assert!(out.join("adapter_config.json").exists() && !out.join("model.safetensors").exists());
 }
+
+/// `reward` takes rlhf grpo's reward functions too: a program reward fed the prompt records'
+/// columns scores every episode, and the value model starts from the policy (there is no reward
+/// model to start it from).
+#[test]
+fn ppo_takes_a_reward_function_with_the_prompt_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("problems.jsonl");
+    let records: Vec<serde_json::Value> = (0..16)
+        .map(|i| serde_json::json!({"prompt": format!("problem {i} of the set"), "answer": "7"}))
+        .collect();
+    write_jsonl(&prompts, &records);
+    let script = tmp.path().join("reward.sh");
+    std::fs::write(
+        &script,
+        "while read -r line; do case \"$line\" in *'\"answer\":\"7\"'*) echo '{\"reward\": 1}';; *) echo '{\"reward\": 0}';; esac; done\n",
+    )
+    .unwrap();
+    let out = tmp.path().join("ppo");
+    let o = ppo(
+        &out,
+        &prompts,
+        &[
+            &format!("reward=\"exec:sh {}\"", script.display()),
+            "max_steps=1",
+        ],
+    );
+    assert_ok(&o);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains(&format!("value model: from {}", model_path("llama-tied"))),
+        "{log}"
+    );
+    assert_eq!(series(&out, "objective/scores"), vec![1.0]);
+}

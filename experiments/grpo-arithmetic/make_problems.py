@@ -16,16 +16,19 @@ NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines",
          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara"]
 ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "shells", "coins", "cookies", "cards", "stamps"]
 INSTRUCTION = "End your reply with the final answer as a number."
+# One-step problems by default: SmolLM2-135M-Instruct sampled at temperature 1 solved ~3% of a
+# mix with two-step problems, too few successes for 10 GRPO iterations to learn from.
+KINDS = ["add", "sub", "mul"]
 
 
 def problem(rng):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    kind = rng.choice(["add", "sub", "mul", "add_sub", "mul_add"])
+    kind = rng.choice(KINDS)
     if kind == "add":
-        a, b = rng.randint(2, 30), rng.randint(2, 30)
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
         text, ans = f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?", a + b
     elif kind == "sub":
-        a = rng.randint(5, 40)
+        a = rng.randint(5, 25)
         b = rng.randint(1, a - 1)
         text, ans = f"{name} has {a} {item} and gives {b} of them away. How many {item} are left?", a - b
     elif kind == "mul":
@@ -51,8 +54,11 @@ def main():
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--heldout", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--two-step", action="store_true", help="also a + b − c and a × b + c problems")
     a = ap.parse_args()
     rng = random.Random(a.seed)
+    if a.two_step:
+        KINDS.extend(["add_sub", "mul_add"])
     seen, sets = set(), {"heldout": [], "train": []}
     for split, n in [("heldout", a.heldout), ("train", a.train)]:
         while len(sets[split]) < n:

@@ -5,12 +5,16 @@
 # same training problems; GRPO and RLOO draw G = 8 per problem, PPO one per problem (and trains a
 # value model that starts as a copy of the policy). Held-out accuracy, greedy, before and after.
 # Run from the repository root after scripts/fetch-assets.sh (about an hour on 2 cores).
-# Knobs: STEPS (10 iterations), LR (2e-5), MAXLEN (128), HELDOUT (200), METHODS ("grpo rloo ppo").
+# Rollouts sample at temperature TEMP (0.7): at 1 the model solved ~4% of the problems, at 0.7 8%,
+# greedy 27% (60 held-out problems).
+# Knobs: STEPS (10 iterations), LR (2e-5), MAXLEN (128), TEMP (0.7), HELDOUT (200),
+# METHODS ("grpo rloo ppo").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEPS="${STEPS:-10}"
 LR="${LR:-2e-5}"
 MAXLEN="${MAXLEN:-128}"
+TEMP="${TEMP:-0.7}"
 HELDOUT="${HELDOUT:-200}"
 METHODS="${METHODS:-grpo rloo ppo}"
 GGUF="${GGUF:-$HOME/.cache/rlhf-assets/smollm2-135m-instruct/model.gguf}"
@@ -26,7 +30,7 @@ python3 experiments/grpo-arithmetic/make_problems.py "$O/data" --train 2000 --he
 COMMON=(--set model=\"$O/base\" --set prompt_file=\"$O/data/train.jsonl\" --set learning_rate=$LR
         --set lr_scheduler_type=\"constant\" --set per_device_train_batch_size=8
         --set gradient_accumulation_steps=4 --set max_steps=$STEPS --set logging_steps=1
-        --set save_steps=0 --set seed=1)
+        --set save_steps=0 --set seed=1 --set temperature=$TEMP)
 POLICIES="\"base=$O/base\""
 for m in $METHODS; do
   out="$O/$m"

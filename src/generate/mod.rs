@@ -185,7 +185,8 @@ pub fn generate_scheduled(
         // row order, each from its own stream.
         let next: Vec<NextToken> = batch.logits.par_iter().map(|l| NextToken::of(l)).collect();
         let mut keep = Vec::with_capacity(batch.rows.len());
-        let mut fed = Vec::with_capacity(batch.rows.len());
+        // The token each batch row drew, fed back to it unless it finished.
+        let mut drawn = vec![0u32; batch.rows.len()];
         for (j, &row) in batch.rows.iter().enumerate() {
             let (logits, model) = (&batch.logits[j], &next[j]);
             let (tok, sample_lp) = if cfg.temperature == 0.0 {
@@ -203,21 +204,19 @@ pub fn generate_scheduled(
             s.sampling_logprobs.push(sample_lp);
             s.model_logprobs.push(logits[tok] - model.lse);
             s.entropies.push(model.entropy);
+            drawn[j] = tok as u32;
             if cfg.stop_ids.contains(&(tok as u32)) {
                 s.stopped = true;
             } else if s.tokens.len() < cfg.max_new_tokens {
                 keep.push(j);
-                fed.push(tok as u32);
             }
         }
         let order = batch.keep(&keep)?;
         if batch.rows.is_empty() {
             continue;
         }
-        // `fed[k]` belongs to old row keep[k]; put it in that row's new place.
-        let fed_of: std::collections::HashMap<usize, u32> =
-            keep.iter().copied().zip(fed.iter().copied()).collect();
-        let fed: Vec<u32> = order.iter().map(|j| fed_of[j]).collect();
+        // Each kept row's token, in the row's new place.
+        let fed: Vec<u32> = order.iter().map(|&j| drawn[j]).collect();
 
         // Phase 3: the kept rows' new tokens through the model.
         batch.step(model, fed, &samples, prefills.pad)?;
