@@ -54,6 +54,6 @@ done
 rm -rf "$O/eval"
 $B eval --set "policies=[$POLICIES]" --set judge=\"accuracy\" --set prompt_file=\"$O/data/heldout.jsonl\" \
     --set temperature=0 --set response_length=$MAXLEN --set output_dir=\"$O/eval\"
-cp "$O/eval/report.md" "$O/eval/results.json" "$O/wall_seconds.txt" "$R/"
+cp "$O/eval/report.md" "$O/eval/results.json" "$O/eval/samples.jsonl" "$O/wall_seconds.txt" "$R/"
 python3 experiments/grpo-arithmetic/summarize.py "$O" > "$R/summary.md"
 cat "$R/summary.md"
