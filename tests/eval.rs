@@ -196,12 +196,7 @@ fn a_reward_function_judge_sees_the_prompt_records_columns() {
             json!({"prompt": "and the last", "answer": "5"}),
         ],
     );
-    let script = tmp.path().join("judge.sh");
-    std::fs::write(
-        &script,
-        "while read -r line; do case \"$line\" in *'\"answer\":\"7\"'*) echo '{\"reward\": 1}';; *) echo '{\"reward\": 0}';; esac; done\n",
-    )
-    .unwrap();
+    let script = answer_is_7_program(tmp.path());
     let model = model_path("llama-tied");
     let dir = tmp.path().join("out");
     let o = run_with_sets(

@@ -122,14 +122,9 @@ fn an_external_reward_program_scores_and_its_failures_stop_the_run_in_one_line()
         })
         .collect();
     write_jsonl(&with_answers, &records);
-    let script = tmp.path().join("reward.sh");
     // Reward 1 when the program is given the record's answer column: every group then has zero
     // reward spread.
-    std::fs::write(
-        &script,
-        "while read -r line; do case \"$line\" in *'\"answer\":\"7\"'*) echo '{\"reward\": 1.0}';; *) echo '{\"reward\": 0}';; esac; done\n",
-    )
-    .unwrap();
+    let script = answer_is_7_program(tmp.path());
     let out = tmp.path().join("ok");
     let o = grpo_with(
         &[],

@@ -410,12 +410,7 @@ fn ppo_takes_a_reward_function_with_the_prompt_columns() {
         .map(|i| serde_json::json!({"prompt": format!("problem {i} of the set"), "answer": "7"}))
         .collect();
     write_jsonl(&prompts, &records);
-    let script = tmp.path().join("reward.sh");
-    std::fs::write(
-        &script,
-        "while read -r line; do case \"$line\" in *'\"answer\":\"7\"'*) echo '{\"reward\": 1}';; *) echo '{\"reward\": 0}';; esac; done\n",
-    )
-    .unwrap();
+    let script = answer_is_7_program(tmp.path());
     let out = tmp.path().join("ppo");
     let o = ppo(
         &out,

@@ -157,6 +157,18 @@ pub fn sampler_vs_forward_logprobs(
         .fold(0.0, f32::max)
 }
 
+/// A reward program (`exec:sh <path>`) in `dir` that answers 1 exactly when it is given a record
+/// whose `answer` column is "7", else 0: it shows the prompt records' columns reach the program.
+pub fn answer_is_7_program(dir: &std::path::Path) -> std::path::PathBuf {
+    let script = dir.join("answer-is-7.sh");
+    std::fs::write(
+        &script,
+        "while read -r line; do case \"$line\" in *'\"answer\":\"7\"'*) echo '{\"reward\": 1}';; *) echo '{\"reward\": 0}';; esac; done\n",
+    )
+    .unwrap();
+    script
+}
+
 /// `n` prompts of three random words, `{"prompt"}` JSONL in `dir` (the RL tests' prompt sets).
 pub fn prompts_file(dir: &std::path::Path, n: usize, seed: u64) -> std::path::PathBuf {
     let mut rng = Lcg(seed);
