@@ -14,7 +14,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::model::{check_ids, swap_remove_order, CacheRows, CausalLm, KvCache, StepInputs};
+use crate::model::{
+    check_ids, left_padded, swap_remove_order, CacheRows, CausalLm, KvCache, StepInputs,
+};
 use crate::ops;
 pub use sampler::sampling_logprobs;
 use sampler::{argmax, draw, NextToken};
@@ -312,11 +314,11 @@ impl Batch {
             self.rows.clear();
             self.key_mask.clear();
             self.logits.clear();
-            self.cache = KvCache::new(self.cache_layers());
+            self.cache = KvCache::new(self.cache.num_layers());
             return Ok(vec![]);
         }
         // In place: each leaving row's place takes a row from the end of the batch.
-        let order = swap_remove_order(self.rows.len(), keep);
+        let order = swap_remove_order(keep);
         self.cache.compact(&order)?;
         self.key_mask = order
             .iter()
@@ -324,10 +326,6 @@ impl Batch {
             .collect();
         self.rows = order.iter().map(|&j| self.rows[j]).collect();
         Ok(order)
-    }
-
-    fn cache_layers(&self) -> usize {
-        self.cache.num_layers()
     }
 
     /// Feeds each row its newest token and keeps the next-token logits.
@@ -387,24 +385,6 @@ impl Batch {
         self.logits = model.logits(&hidden)?.squeeze(1)?.to_vec2::<f32>()?;
         Ok(())
     }
-}
-
-/// Sequences left-padded to the longest, with their key masks.
-fn left_padded(seqs: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
-    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-    seqs.iter()
-        .map(|s| {
-            let n = t - s.len();
-            (
-                std::iter::repeat_n(pad, n)
-                    .chain(s.iter().copied())
-                    .collect(),
-                std::iter::repeat_n(0, n)
-                    .chain(std::iter::repeat_n(1, s.len()))
-                    .collect(),
-            )
-        })
-        .unzip()
 }
 
 /// Prompts prefilled and waiting for their rows to be admitted: each distinct prompt is encoded

@@ -102,6 +102,25 @@ impl StepInputs {
     }
 }
 
+/// Sequences left-padded with `pad` to the longest, and their masks (1 on real tokens): how a
+/// generation batch and a scoring batch that ends on its last tokens are laid out.
+pub fn left_padded(seqs: &[Vec<u32>], pad: u32) -> (Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    seqs.iter()
+        .map(|s| {
+            let n = t - s.len();
+            (
+                std::iter::repeat_n(pad, n)
+                    .chain(s.iter().copied())
+                    .collect(),
+                std::iter::repeat_n(0, n)
+                    .chain(std::iter::repeat_n(1, s.len()))
+                    .collect(),
+            )
+        })
+        .unzip()
+}
+
 /// Rejects token ids outside the vocabulary before they reach an embedding lookup.
 pub fn check_ids(cfg: &ModelConfig, ids: &[Vec<u32>]) -> Result<()> {
     for row in ids {
@@ -323,7 +342,7 @@ pub struct CacheRows<'a> {
 /// The order of a batch after rows leave, moving as few rows as possible: each leaving row's place
 /// below the new size takes a kept row from past it. Returns the old index of each kept row in
 /// its new place (for `KvCache::compact` and the batch's own per-row state).
-pub fn swap_remove_order(rows: usize, keep: &[usize]) -> Vec<usize> {
+pub fn swap_remove_order(keep: &[usize]) -> Vec<usize> {
     let n = keep.len();
     let mut order: Vec<usize> = (0..n).collect();
     let kept = |i: usize| keep.binary_search(&i).is_ok();
@@ -335,7 +354,6 @@ pub fn swap_remove_order(rows: usize, keep: &[usize]) -> Vec<usize> {
                 .expect("as many kept rows past n as holes below it");
         }
     }
-    debug_assert!(rows >= n);
     order
 }
 
@@ -786,21 +804,7 @@ impl CausalLm {
             .pad_token_id
             .unwrap_or(0)
             .min(self.config.vocab_size as u32 - 1);
-        let mut ids = Vec::with_capacity(seqs.len());
-        let mut mask = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            let n = t - s.len();
-            ids.push(
-                std::iter::repeat_n(pad, n)
-                    .chain(s.iter().copied())
-                    .collect::<Vec<_>>(),
-            );
-            mask.push(
-                std::iter::repeat_n(0u8, n)
-                    .chain(std::iter::repeat_n(1u8, s.len()))
-                    .collect::<Vec<_>>(),
-            );
-        }
+        let (ids, mask) = left_padded(seqs, pad);
         let inp = StepInputs::from_padded(&self.config, &ids, &mask)?;
         let hidden = self.forward_hidden(&inp, None)?;
         // Predict token t+1 from position t.
