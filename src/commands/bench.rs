@@ -232,6 +232,14 @@ impl CpuSnap {
         let steal = later.steal.saturating_sub(self.steal) as f64;
         ((other / wall).max(0.0), steal / wall)
     }
+
+    /// `other_load` from `before` to now; NaNs where /proc could not be read.
+    fn load_since(before: Option<CpuSnap>) -> (f64, f64) {
+        match (before, CpuSnap::now()) {
+            (Some(a), Some(b)) => a.other_load(&b),
+            _ => (f64::NAN, f64::NAN),
+        }
+    }
 }
 
 /// Prompt lengths for the generate workload: alternately T − T/4 and T + T/4 (T for a last odd
@@ -510,10 +518,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
         };
         let secs = elapsed.as_secs_f64();
-        let (other, steal) = match (before, CpuSnap::now()) {
-            (Some(a), Some(b)) => a.other_load(&b),
-            _ => (f64::NAN, f64::NAN),
-        };
+        let (other, steal) = CpuSnap::load_since(before);
         let warm = i < args.warmup;
         eprintln!(
             "{label}: {what} {}/{} {secs:.2}s{} (other processes {other:.2} cores, steal {steal:.2})",
@@ -625,10 +630,7 @@ fn rollout_workload(args: &BenchArgs) -> Result<()> {
         let t = Instant::now();
         let (samples, schedule) = generate_scheduled(&ck.model, &rows, &sc)?;
         let secs = t.elapsed().as_secs_f64();
-        let (other, steal) = match (before, CpuSnap::now()) {
-            (Some(a), Some(b)) => a.other_load(&b),
-            _ => (f64::NAN, f64::NAN),
-        };
+        let (other, steal) = CpuSnap::load_since(before);
         let n: usize = samples.iter().map(|s| s.tokens.len()).sum();
         let warm = i < args.warmup;
         eprintln!(
