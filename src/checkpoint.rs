@@ -255,6 +255,9 @@ impl Checkpoint {
 /// Writes the trained model into `out` (which also holds checkpoints/ and metrics): the whole
 /// model, or, for a LoRA run, the PEFT adapter.
 pub fn save_final(ck: &Checkpoint, out: &Path) -> Result<()> {
+    if !crate::dist::world().is_main() {
+        return Ok(());
+    }
     install_into(out, |dir| {
         if ck.model.has_adapters() {
             peft::write(dir, &adapter_out(ck, "CAUSAL_LM", None))?;
@@ -284,6 +287,9 @@ fn adapter_out<'a>(ck: &Checkpoint, task_type: &'a str, score: Option<Tensor>) -
 /// the body, `score.weight` [1, D], `num_labels: 1`, a `pad_token_id` (transformers reads the
 /// score at the last token that is not padding), and the normalisation bias as `rlhf_score_bias`.
 pub fn save_reward_model(ck: &Checkpoint, head: &ScalarHead, out: &Path) -> Result<()> {
+    if !crate::dist::world().is_main() {
+        return Ok(());
+    }
     let cfg = &ck.model.config;
     let mut config = cfg.raw.clone();
     config["architectures"] = json!([cfg.sequence_classifier_architecture()]);

@@ -5,6 +5,7 @@ pub mod algos;
 pub mod checkpoint;
 pub mod commands;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod generate;
 pub mod io;

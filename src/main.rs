@@ -97,6 +97,10 @@ fn main() {
         .mut_subcommand("eval", |c| c.after_help(commands::eval::help_text()))
         .get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Under mpirun: join the other ranks (an error here, or later on any rank, ends them all).
+    if let Err(e) = rlhf::dist::init() {
+        rlhf::dist::fail(&rlhf::io::one_line_error(&e));
+    }
     let result = match &cli.command {
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Generate(a) => commands::generate::run(a),
@@ -115,7 +119,7 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {}", rlhf::io::one_line_error(&e));
-        std::process::exit(1);
+        rlhf::dist::fail(&rlhf::io::one_line_error(&e));
     }
+    rlhf::dist::finalize();
 }

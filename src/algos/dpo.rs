@@ -255,25 +255,28 @@ impl Task for DpoTask {
     }
 }
 
-/// Reference log-probs of every completion, computed without gradients in batches.
+/// Reference log-probs of every completion, computed without gradients in batches (with several
+/// ranks, each computes its share of the batches and every rank gets them all).
 pub fn reference_logprobs(
     model: &CausalLm,
     comparisons: &[Comparison],
     length_normalized: bool,
     batch_size: usize,
 ) -> Result<Vec<Vec<f32>>> {
+    let world = crate::dist::world();
+    let batches: Vec<&[Comparison]> = comparisons.chunks(batch_size.max(1)).collect();
     let mut out = Vec::with_capacity(comparisons.len());
-    for chunk in comparisons.chunks(batch_size.max(1)) {
+    for chunk in &batches[world.share(batches.len())] {
         let group: Vec<&Comparison> = chunk.iter().collect();
         let (logps, _, _) = comparison_logprobs(model, &group, length_normalized)?;
         let v = logps.detach().to_vec1::<f32>()?;
         let mut off = 0;
-        for c in chunk {
+        for c in chunk.iter() {
             out.push(v[off..off + c.completions.len()].to_vec());
             off += c.completions.len();
         }
     }
-    Ok(out)
+    world.concat_shares(out)
 }
 
 /// Reference log-probs cached on disk, keyed by a digest of the reference weights, the
@@ -315,6 +318,38 @@ impl ReferenceCache {
         })
     }
 
+    /// The cached log-probs of `comparisons` under `key` at `path`, if that file has them.
+    fn lookup(
+        &self,
+        path: Option<&std::path::Path>,
+        key: &str,
+        comparisons: &[Comparison],
+        what: &str,
+    ) -> Option<Vec<Vec<f32>>> {
+        let p = path.filter(|p| p.exists())?;
+        let cached = crate::io::read_json(p)
+            .ok()
+            .filter(|v| v["format"] == CACHE_FORMAT && v["key"] == key);
+        let logps: Option<Vec<Vec<f32>>> =
+            cached.and_then(|v| serde_json::from_value(v["logps"].clone()).ok());
+        match logps.filter(|l| {
+            l.len() == comparisons.len()
+                && l.iter().zip(comparisons).all(|(l, c)| l.len() == c.completions.len())
+        }) {
+            Some(l) => {
+                eprintln!("{what}: reference log-probs from cache {}", p.display());
+                Some(l)
+            }
+            None => {
+                eprintln!(
+                    "{what}: the reference cache {} is not in this version's format; computing it again",
+                    p.display()
+                );
+                None
+            }
+        }
+    }
+
     /// The reference log-probs of `comparisons` (see [`reference_logprobs`]), from the cache when
     /// it has them; `what` names the set in messages.
     pub fn logprobs(
@@ -332,26 +367,16 @@ impl ReferenceCache {
             key.ids(ids);
         }
         let key = key.finish();
-        let path = self.dir.as_ref().map(|d| d.join(format!("{key}.json")));
-        if let Some(p) = path.as_ref().filter(|p| p.exists()) {
-            let cached = crate::io::read_json(p)
-                .ok()
-                .filter(|v| v["format"] == CACHE_FORMAT && v["key"] == key.as_str());
-            let logps: Option<Vec<Vec<f32>>> =
-                cached.and_then(|v| serde_json::from_value(v["logps"].clone()).ok());
-            match logps.filter(|l| {
-                l.len() == comparisons.len()
-                    && l.iter().zip(comparisons).all(|(l, c)| l.len() == c.completions.len())
-            }) {
-                Some(l) => {
-                    eprintln!("{what}: reference log-probs from cache {}", p.display());
-                    return Ok(l);
-                }
-                None => eprintln!(
-                    "{what}: the reference cache {} is not in this version's format; computing it again",
-                    p.display()
-                ),
-            }
+        // Rank 0 alone reads and writes the cache; what it finds goes to every rank.
+        let world = crate::dist::world();
+        let path = self
+            .dir
+            .as_ref()
+            .filter(|_| world.is_main())
+            .map(|d| d.join(format!("{key}.json")));
+        let found = self.lookup(path.as_deref(), &key, comparisons, what);
+        if let Some(l) = world.broadcast_json(found)? {
+            return Ok(l);
         }
         let t = Instant::now();
         let logps = reference_logprobs(reference, comparisons, length_normalized, batch_size)?;

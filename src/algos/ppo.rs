@@ -159,7 +159,7 @@ impl PpoConfig {
         ptx: &'a [Example],
     ) -> Result<LoopConfig<'a>> {
         let micro_batch = train.per_device_train_batch_size;
-        let minibatch = micro_batch * train.gradient_accumulation_steps;
+        let minibatch = micro_batch * train.global_accumulation();
         let episodes = minibatch
             .checked_mul(self.num_mini_batches)
             .filter(|&n| n <= 1 << 24)

@@ -273,6 +273,7 @@ fn bench_optimizer(model: &CausalLm) -> Optimizer {
 }
 
 fn step(optimizer: &mut Optimizer, loss: &Tensor) -> Result<()> {
+    optimizer.start_step(1);
     optimizer.accumulate(loss)?;
     optimizer.step(0)?;
     Ok(())

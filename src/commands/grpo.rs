@@ -84,7 +84,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let (train_cfg, out) = start_training(args, &settings, &inputs.map(String::as_str))?;
     super::refuse_eval_steps(&train_cfg, &origin, "grpo")?;
     let micro_batch = train_cfg.per_device_train_batch_size;
-    let episodes = micro_batch * train_cfg.gradient_accumulation_steps;
+    let episodes = micro_batch * train_cfg.global_accumulation();
     if !episodes.is_multiple_of(grpo.num_generations) {
         anyhow::bail!(
             "{origin}: per_device_train_batch_size × gradient_accumulation_steps ({episodes}) must be a multiple of num_generations ({})",

@@ -71,7 +71,12 @@ pub fn start_training(
         (false, true) => Existing::Replace,
         (false, false) => Existing::Keep,
     };
-    let out = OutputDir::claim(&train.output_dir, inputs, existing)?;
+    // Rank 0 owns the output directory; the other ranks write nothing into it.
+    let out = if crate::dist::world().is_main() {
+        OutputDir::claim(&train.output_dir, inputs, existing)?
+    } else {
+        OutputDir::unclaimed(&train.output_dir)
+    };
     Ok((train, out))
 }
 

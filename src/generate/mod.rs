@@ -32,6 +32,9 @@ pub struct SamplingConfig {
     pub top_p: f32,
     pub stop_ids: Vec<u32>,
     pub seed: u64,
+    /// Row i samples from random stream `first_stream + i`: a rank that samples its share of a
+    /// batch starting at row r passes r, and draws what one process sampling it all would.
+    pub first_stream: u64,
     /// At most this many rows decode at once (0: every row). Bounds the KV cache's memory.
     pub max_rows: usize,
     /// With `max_rows`: a finished row's place goes to the next waiting prompt at once
@@ -51,6 +54,7 @@ impl Default for SamplingConfig {
             top_p: 1.0,
             stop_ids: vec![],
             seed: 0,
+            first_stream: 0,
             max_rows: 0,
             refill: true,
             share_prefill: true,
@@ -96,7 +100,7 @@ pub struct Schedule {
     pub peak_rows: usize,
 }
 
-/// Samples continuations of every prompt. Row i uses its own random stream (seed, i), so a row's
+/// Samples continuations of every prompt. Row i uses its own random stream (seed, first_stream + i), so a row's
 /// sample does not depend on what else is in the batch, nor on when it was admitted.
 pub fn generate(
     model: &CausalLm,
@@ -145,7 +149,7 @@ pub fn generate_scheduled(
     let mut rngs: Vec<ChaCha8Rng> = (0..prompts.len())
         .map(|i| {
             let mut r = ChaCha8Rng::seed_from_u64(cfg.seed);
-            r.set_stream(i as u64);
+            r.set_stream(cfg.first_stream + i as u64);
             r
         })
         .collect();

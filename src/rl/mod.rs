@@ -31,7 +31,9 @@ use crate::text::Tokenizer;
 use crate::train::lm_loss::target_nll_sum;
 use crate::train::metrics::{format_line, MetricsLogger, Window};
 use crate::train::state::{load_extra_tensors, save_checkpoint, TrainerState};
-use crate::train::trainer::{log, mix_seed, progress_bar, start_state, step_examples};
+use crate::train::trainer::{
+    log, main_logger, mix_seed, progress_bar, start_state, step_examples, sum_over_ranks,
+};
 use crate::train::{Optimizer, StepOutcome, TrainConfig};
 pub use rollout::{Collect, Rollout, ValueModel};
 
@@ -201,7 +203,7 @@ struct Looping<'a> {
     optimizer: Optimizer,
     ema: Option<Ema>,
     state: TrainerState,
-    logger: MetricsLogger,
+    logger: Option<MetricsLogger>,
     pb: ProgressBar,
     window: Window,
     last_metrics: Vec<(String, f64)>,
@@ -288,8 +290,17 @@ impl<'a> Looping<'a> {
                 }
             }
         }
+        if let Some(e) = ema.as_mut() {
+            // Rank 0 read the checkpoint.
+            let world = crate::dist::world();
+            for v in e.values.iter_mut().filter(|_| world.size() > 1) {
+                let mut values: Vec<f32> = v.flatten_all()?.to_vec1()?;
+                world.broadcast_f32(&mut values);
+                *v = Tensor::from_vec(values, v.shape(), v.device())?;
+            }
+        }
         let resumed_at = (run.resume && state.step > 0).then_some(state.step);
-        let logger = MetricsLogger::create(&out, resumed_at)?;
+        let logger = main_logger(&out, resumed_at)?;
         Ok(Looping {
             cfg,
             models,
@@ -306,7 +317,8 @@ impl<'a> Looping<'a> {
         })
     }
 
-    /// Phase 1. Prompt order and sampling noise depend only on (seed, iteration).
+    /// Phase 1. Prompt order and sampling noise depend only on (seed, iteration). Each rank
+    /// samples and scores its contiguous share of the episodes; the shares are then gathered.
     fn collect(&self, objective: &dyn Objective, run: &mut Run) -> Result<Rollout> {
         let it = self.state.step;
         let g = self.cfg.group_size.max(1);
@@ -319,8 +331,10 @@ impl<'a> Looping<'a> {
         .into_iter()
         .flat_map(|i| std::iter::repeat_n(i, g))
         .collect();
+        let mine = crate::dist::world().share(chosen.len());
         let sampling = SamplingConfig {
             seed: self.train.seed.wrapping_mul(1_000_003).wrapping_add(it),
+            first_stream: mine.start as u64,
             ..self.cfg.sampling.clone()
         };
         let with = Collect {
@@ -333,10 +347,12 @@ impl<'a> Looping<'a> {
             tokenizer: run.tokenizer,
             chunk: self.cfg.micro_batch,
         };
-        rollout::collect(self.models.policy, run.prompts, &chosen, &sampling, with).map_err(|e| {
-            self.pb.abandon();
-            anyhow!("iteration {}: {e:#}; stopped", it + 1)
-        })
+        rollout::collect(self.models.policy, run.prompts, &chosen[mine], &sampling, with)
+            .and_then(Rollout::gather)
+            .map_err(|e| {
+                self.pb.abandon();
+                anyhow!("iteration {}: {e:#}; stopped", it + 1)
+            })
     }
 
     /// Phase 3: epochs × minibatches, each one optimizer step accumulated over micro-batches
@@ -348,6 +364,7 @@ impl<'a> Looping<'a> {
         adv: &Advantages,
     ) -> Result<Updates> {
         let (cfg, it) = (self.cfg, self.state.step);
+        let world = crate::dist::world();
         let mut stats: Vec<(String, f64)> = Vec::new();
         let (mut applied, mut skipped) = (0usize, 0u64);
         let mut first_ratio_dev = 0f64;
@@ -366,7 +383,15 @@ impl<'a> Looping<'a> {
                     .sum();
                 let episodes = minibatch.iter().filter(kept).count();
                 let mut update_stats: Vec<(String, f64)> = Vec::new();
-                for (k, part) in minibatch.chunks(cfg.micro_batch).enumerate() {
+                // This rank's share of the minibatch's micro-batches (and of PPO-ptx's).
+                let parts: Vec<&[usize]> = minibatch.chunks(cfg.micro_batch).collect();
+                let mine = world.share(parts.len());
+                let ptx_parts = cfg.ptx.as_ref().map_or(0..0, |p| {
+                    world.share(p.batch_size.div_ceil(cfg.micro_batch))
+                });
+                self.optimizer.start_step(mine.len() + ptx_parts.len());
+                for k in mine {
+                    let part = parts[k];
                     let seed = mix_seed(self.train.seed, position, k as u64);
                     let models = self.models;
                     let batch =
@@ -394,7 +419,7 @@ impl<'a> Looping<'a> {
                     }
                 }
                 if let Some(ptx) = &cfg.ptx {
-                    let loss = self.pretraining_term(ptx, position)?;
+                    let loss = self.pretraining_term(ptx, position, ptx_parts)?;
                     add(&mut update_stats, "ptx/loss", loss);
                 }
                 let outcome = self.optimizer.step(position).map_err(|e| {
@@ -412,6 +437,7 @@ impl<'a> Looping<'a> {
                             e.update(&self.policy_params)?;
                         }
                         applied += 1;
+                        sum_over_ranks(&mut update_stats, 0)?;
                         update_stats.push(("grad_norm".into(), grad_norm));
                         update_stats.push(("learning_rate".into(), learning_rate));
                         for (k, v) in &update_stats {
@@ -419,9 +445,11 @@ impl<'a> Looping<'a> {
                         }
                     }
                     StepOutcome::Skipped { reason } => {
-                        self.pb.suspend(|| {
-                            eprintln!("iteration {}: {reason}; update skipped", it + 1)
-                        });
+                        if world.is_main() {
+                            self.pb.suspend(|| {
+                                eprintln!("iteration {}: {reason}; update skipped", it + 1)
+                            });
+                        }
                         skipped += 1;
                     }
                 }
@@ -438,8 +466,13 @@ impl<'a> Looping<'a> {
     }
 
     /// PPO-ptx: γ_ptx × the mean token NLL of a batch of pretraining text, accumulated into the
-    /// update at `position`; returns the NLL.
-    fn pretraining_term(&mut self, ptx: &PretrainingMix, position: u64) -> Result<f64> {
+    /// update at `position` (this rank: its share `mine` of the micro-batches); returns the NLL.
+    fn pretraining_term(
+        &mut self,
+        ptx: &PretrainingMix,
+        position: u64,
+        mine: std::ops::Range<usize>,
+    ) -> Result<f64> {
         let picked = step_examples(
             ptx.examples.len(),
             ptx.batch_size,
@@ -452,7 +485,8 @@ impl<'a> Looping<'a> {
             .map(|e| e.targets.iter().skip(1).map(|&t| t as usize).sum::<usize>())
             .sum();
         let mut nll = 0.0;
-        for part in examples.chunks(self.cfg.micro_batch) {
+        let parts: Vec<&[&Example]> = examples.chunks(self.cfg.micro_batch).collect();
+        for part in &parts[mine] {
             let (sum, _) = target_nll_sum(self.models.policy, part)?;
             let l = (sum * (ptx.coef / n_targets.max(1) as f64))?;
             nll += self.optimizer.accumulate(&l)? / ptx.coef;
@@ -502,14 +536,15 @@ impl<'a> Looping<'a> {
                 get("time/generation"),
                 get("time/training")
             ));
-            if self.pb.is_hidden() {
+            if self.pb.is_hidden() && self.logger.is_some() {
                 let total = self.cfg.iterations;
                 eprintln!("iteration {step}/{total} {}", format_line(&values));
             }
             self.last_metrics = values;
         }
         let every = self.cfg.sample_every as u64;
-        if every > 0 && (step.is_multiple_of(every) || step == 1 || last) {
+        let main = crate::dist::world().is_main();
+        if main && every > 0 && (step.is_multiple_of(every) || step == 1 || last) {
             append(
                 &self.out,
                 "samples.jsonl",
@@ -517,7 +552,7 @@ impl<'a> Looping<'a> {
             )?;
         }
         let save = self.train.save_steps as u64;
-        if save > 0 && (step.is_multiple_of(save) || last) {
+        if main && save > 0 && (step.is_multiple_of(save) || last) {
             self.state.extra = serde_json::json!({
                 "optimizer_steps": self.optimizer.updates(),
                 "objective": objective.state(),

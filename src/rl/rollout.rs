@@ -4,6 +4,7 @@
 //! `mask` marks the response tokens; everything outside the response is 0.
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
 use std::time::Instant;
@@ -171,7 +172,92 @@ pub fn collect(
     Ok(rollout)
 }
 
+/// One rank's episodes as they travel to the other ranks (per-token values as response slices).
+#[derive(Serialize, Deserialize)]
+struct Share {
+    prompt_index: Vec<usize>,
+    sequences: Vec<Vec<u32>>,
+    prompt_lens: Vec<usize>,
+    texts: Vec<String>,
+    stopped: Vec<bool>,
+    entropies: Vec<f64>,
+    scores: Vec<f32>,
+    score_components: Vec<(String, f64)>,
+    old_logp: Vec<Vec<f32>>,
+    ref_logp: Option<Vec<Vec<f32>>>,
+    values: Option<Vec<Vec<f32>>>,
+}
+
 impl Rollout {
+    /// Every rank's episodes, in rank order: with each rank holding its contiguous share of the
+    /// batch, the rollout one process would have collected, on every rank (so the advantages'
+    /// batch statistics — whitening, group and batch scaling, the KL controller — are computed
+    /// over the whole batch, in the same order, everywhere). One rank: itself.
+    pub fn gather(self) -> Result<Rollout> {
+        let world = crate::dist::world();
+        if world.size() == 1 {
+            return Ok(self);
+        }
+        let opt = |t: &Option<Tensor>| t.as_ref().map(|t| self.responses(t)).transpose();
+        let mine = Share {
+            old_logp: self.responses(&self.old_logp)?,
+            ref_logp: opt(&self.ref_logp)?,
+            values: opt(&self.values)?,
+            prompt_index: self.prompt_index,
+            sequences: self.sequences,
+            prompt_lens: self.prompt_lens,
+            texts: self.texts,
+            stopped: self.stopped,
+            entropies: self.entropies,
+            scores: self.scores,
+            score_components: self.score_components,
+        };
+        let shares: Vec<Share> = world
+            .all_gather_bytes(&serde_json::to_vec(&mine)?)
+            .iter()
+            .map(|b| serde_json::from_slice(b))
+            .collect::<std::result::Result<_, _>>()?;
+        let n: usize = shares.iter().map(|s| s.scores.len()).sum();
+        // Each share's component means, weighted by its episodes.
+        let mut score_components = mine.score_components.clone();
+        for (i, (_, mean)) in score_components.iter_mut().enumerate() {
+            *mean = shares
+                .iter()
+                .map(|s| s.score_components.get(i).map_or(0.0, |c| c.1) * s.scores.len() as f64)
+                .sum::<f64>()
+                / n.max(1) as f64;
+        }
+        let cat = |f: &dyn Fn(&Share) -> Option<Vec<Vec<f32>>>| -> Option<Vec<Vec<f32>>> {
+            shares.iter().map(f).collect::<Option<Vec<_>>>().map(|v| v.concat())
+        };
+        let old = cat(&|s| Some(s.old_logp.clone())).unwrap_or_default();
+        let reference = cat(&|s| s.ref_logp.clone());
+        let values = cat(&|s| s.values.clone());
+        let mut all = Rollout {
+            prompt_index: shares.iter().flat_map(|s| s.prompt_index.clone()).collect(),
+            sequences: shares.iter().flat_map(|s| s.sequences.clone()).collect(),
+            prompt_lens: shares.iter().flat_map(|s| s.prompt_lens.clone()).collect(),
+            texts: shares.iter().flat_map(|s| s.texts.clone()).collect(),
+            stopped: shares.iter().flat_map(|s| s.stopped.clone()).collect(),
+            entropies: shares.iter().flat_map(|s| s.entropies.clone()).collect(),
+            scores: shares.iter().flat_map(|s| s.scores.clone()).collect(),
+            score_components,
+            mask: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+            old_logp: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
+            ref_logp: None,
+            values: None,
+            generation_secs: self.generation_secs,
+            scoring_secs: self.scoring_secs,
+            passes_secs: self.passes_secs,
+        };
+        let ones: Vec<Vec<f32>> = old.iter().map(|r| vec![1.0; r.len()]).collect();
+        all.mask = all.padded(&ones)?;
+        all.old_logp = all.padded(&old)?;
+        all.ref_logp = reference.map(|r| all.padded(&r)).transpose()?;
+        all.values = values.map(|v| all.padded(&v)).transpose()?;
+        Ok(all)
+    }
+
     pub fn len(&self) -> usize {
         self.sequences.len()
     }

@@ -161,8 +161,22 @@ impl Section for TrainConfig {
 impl TrainConfig {
     /// The settings a resumed run must keep (output path, logging and saving cadence and the
     /// thread count may change), for its fingerprint.
+    /// Micro-batches per optimizer step over all ranks: gradient_accumulation_steps on each of
+    /// the run's ranks (TRL's and accelerate's meaning; one rank outside `mpirun`).
+    pub fn global_accumulation(&self) -> usize {
+        self.gradient_accumulation_steps * crate::dist::world().size()
+    }
+
+    /// Examples per optimizer step over all ranks.
+    pub fn global_batch(&self) -> usize {
+        self.per_device_train_batch_size * self.global_accumulation()
+    }
+
+    /// The settings a resumed run must share with the one it resumes. The accumulation is the
+    /// global one, so N ranks × k resume what 1 process × N·k wrote (the same global batch).
     pub fn resume_relevant(&self) -> serde_json::Value {
         let kept = TrainConfig {
+            gradient_accumulation_steps: self.global_accumulation(),
             output_dir: String::new(),
             logging_steps: 0,
             eval_steps: 0,

@@ -7,32 +7,103 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Mutex;
 
-/// Sum of gradients over the micro-batches of one optimizer step, one buffer per parameter.
+/// The sum of one optimizer step's micro-batch gradients, one buffer per parameter, added in a
+/// fixed binary tree over the micro-batches' order: node [a, b) is [a, m) + [m, b) with
+/// m = a + (b − a)/2. Pairwise summation is more accurate than a running sum, and it is what makes
+/// data parallelism exact: rank r of N holds micro-batches [r·k, (r+1)·k) of N·k, its local sum
+/// is a subtree, and the ranks' sums meet in the same tree (`dist::World::sum_exact`). It holds
+/// ⌈log₂ k⌉ buffers while k micro-batches arrive (one for k ≤ 2).
 pub struct GradBuffers {
+    /// The step's sum once every micro-batch is in (what clipping and AdamW read).
     pub bufs: Vec<Vec<f32>>,
+    sizes: Vec<usize>,
+    leaves: usize,
+    arrived: usize,
+    /// Partial sums waiting for their sibling: the micro-batches they cover, and the buffers.
+    pending: Vec<(Range<usize>, Vec<Vec<f32>>)>,
+    spare: Vec<Vec<Vec<f32>>>,
 }
 
 impl GradBuffers {
     pub fn new(params: &[(String, Var)]) -> Self {
+        let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
         GradBuffers {
-            bufs: params
-                .iter()
-                .map(|(_, v)| vec![0.0; v.elem_count()])
-                .collect(),
+            bufs: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            sizes,
+            leaves: 0,
+            arrived: 0,
+            pending: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
-    pub fn zero(&mut self) {
-        for b in &mut self.bufs {
-            b.fill(0.0);
+    /// Starts a step of `leaves` micro-batches (on this rank).
+    pub fn start(&mut self, leaves: usize) {
+        self.discard();
+        self.leaves = leaves;
+    }
+
+    /// Drops the partial sums (their memory is kept for the next step).
+    pub fn discard(&mut self) {
+        for (_, b) in self.pending.drain(..) {
+            self.spare.push(b);
+        }
+        if !self.bufs.is_empty() {
+            self.spare.push(std::mem::take(&mut self.bufs));
+        }
+        self.arrived = 0;
+    }
+
+    fn zeroed(&mut self) -> Vec<Vec<f32>> {
+        match self.spare.pop() {
+            Some(mut b) => {
+                for x in &mut b {
+                    x.fill(0.0);
+                }
+                b
+            }
+            None => self.sizes.iter().map(|&n| vec![0.0; n]).collect(),
         }
     }
 
-    /// Adds this backward pass's gradients. A parameter the loss did not reach adds nothing.
+    /// Whether [a, b) is a node of the step's tree and splits at m.
+    fn splits(&self, a: usize, b: usize, m: usize) -> bool {
+        let (mut lo, mut hi) = (0, self.leaves);
+        loop {
+            let mid = lo + (hi - lo) / 2;
+            if (lo, hi) == (a, b) {
+                return mid == m;
+            }
+            if hi - lo < 2 {
+                return false;
+            }
+            if b <= mid {
+                hi = mid;
+            } else if a >= mid {
+                lo = mid;
+            } else {
+                return false;
+            }
+        }
+    }
+
+    /// Adds the next micro-batch's gradients. A parameter the loss did not reach adds nothing.
     pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
-        for ((_, var), buf) in params.iter().zip(&mut self.bufs) {
+        let i = self.arrived;
+        if i >= self.leaves {
+            bail!("more micro-batches than the {} the step was started with", self.leaves);
+        }
+        // The right sibling of the newest partial sum is added into it; anything else waits.
+        let joins = matches!(self.pending.last(), Some((r, _)) if r.end == i && self.splits(r.start, i + 1, i));
+        if !joins {
+            let b = self.zeroed();
+            self.pending.push((i..i, b));
+        }
+        let (range, bufs) = self.pending.last_mut().expect("a partial sum");
+        for ((_, var), buf) in params.iter().zip(bufs.iter_mut()) {
             if let Some(g) = grads.get(var.as_tensor()) {
                 let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
                 for (b, x) in buf.iter_mut().zip(g) {
@@ -40,7 +111,41 @@ impl GradBuffers {
                 }
             }
         }
+        range.end = i + 1;
+        while self.pending.len() >= 2 {
+            let n = self.pending.len();
+            let (a, m, b) = (
+                self.pending[n - 2].0.start,
+                self.pending[n - 1].0.start,
+                self.pending[n - 1].0.end,
+            );
+            if self.pending[n - 2].0.end != m || !self.splits(a, b, m) {
+                break;
+            }
+            let (_, right) = self.pending.pop().expect("two partial sums");
+            let (range, left) = self.pending.last_mut().expect("two partial sums");
+            for (l, r) in left.iter_mut().zip(&right) {
+                for (x, y) in l.iter_mut().zip(r) {
+                    *x += y;
+                }
+            }
+            range.end = b;
+            self.spare.push(right);
+        }
+        self.arrived += 1;
+        if self.arrived == self.leaves {
+            let (_, root) = self.pending.pop().expect("the whole step's sum");
+            self.bufs = root;
+        }
         Ok(())
+    }
+
+    /// The step's sum in `bufs`: zeros when this rank had no micro-batch (or the step was lost).
+    pub fn finish(&mut self) {
+        if self.arrived < self.leaves || self.leaves == 0 {
+            self.discard();
+            self.bufs = self.zeroed();
+        }
     }
 
     /// Global L2 norm over all parameters (f64 accumulation).
@@ -203,6 +308,11 @@ impl AdamW {
             }
         }
         Ok(poisoned)
+    }
+
+    /// Every moment buffer (m then v of each parameter), for the ranks to share.
+    pub fn moments_mut(&mut self) -> impl Iterator<Item = &mut Vec<f32>> {
+        self.m.iter_mut().chain(self.v.iter_mut())
     }
 
     /// Moment tensors by parameter name, for checkpoints.

@@ -29,7 +29,7 @@ pub enum Existing {
 /// A claimed output directory; the lock is released when this is dropped (or the process ends).
 pub struct OutputDir {
     path: PathBuf,
-    _lock: File,
+    _lock: Option<File>,
 }
 
 /// Files and directories an rlhf run writes into its output directory, besides the model.
@@ -58,10 +58,19 @@ impl OutputDir {
         let lock = lock(&dir)?;
         let claimed = OutputDir {
             path: dir,
-            _lock: lock,
+            _lock: Some(lock),
         };
         claimed.settle_existing(existing)?;
         Ok(claimed)
+    }
+
+    /// The directory of a run whose rank 0 claimed it (the other ranks of a data-parallel run,
+    /// which write nothing there).
+    pub fn unclaimed(path: &str) -> OutputDir {
+        OutputDir {
+            path: PathBuf::from(path),
+            _lock: None,
+        }
     }
 
     pub fn path(&self) -> &Path {

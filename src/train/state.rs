@@ -23,6 +23,18 @@ pub struct TrainerState {
     pub extra: serde_json::Value,
 }
 
+impl TrainerState {
+    /// The state of a run at step 0.
+    pub fn fresh(fingerprint: &str) -> Self {
+        TrainerState {
+            step: 0,
+            skipped_steps: 0,
+            fingerprint: fingerprint.to_string(),
+            extra: serde_json::Value::Null,
+        }
+    }
+}
+
 pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
     output_dir.join("checkpoints")
 }

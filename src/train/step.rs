@@ -83,6 +83,22 @@ impl Optimizer {
         &mut self.adamw
     }
 
+    /// Rank 0's weights, moments and update count on every rank.
+    pub fn broadcast_from_main(&mut self) -> Result<()> {
+        let world = crate::dist::world();
+        for (_, var) in &self.params {
+            let mut values: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            world.broadcast_f32(&mut values);
+            var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
+        }
+        for moments in self.adamw.moments_mut() {
+            world.broadcast_f32(moments);
+        }
+        let step = world.broadcast_bytes(self.adamw.step.to_le_bytes().to_vec());
+        self.adamw.step = u64::from_le_bytes(step.try_into().map_err(|_| anyhow!("update count"))?);
+        Ok(())
+    }
+
     /// Updates applied so far.
     pub fn updates(&self) -> u64 {
         self.adamw.step
@@ -97,6 +113,12 @@ impl Optimizer {
             self.total_steps,
             position as usize,
         )
+    }
+
+    /// Starts an optimizer step to which this rank will add `micro_batches` micro-batches (the
+    /// shape of the pairwise sum; see `GradBuffers`).
+    pub fn start_step(&mut self, micro_batches: usize) {
+        self.grads.start(micro_batches);
     }
 
     /// Adds one micro-batch's gradients to the step's sums and returns the loss value. A
@@ -120,20 +142,29 @@ impl Optimizer {
         self.nonfinite_loss.is_some()
     }
 
-    /// Ends the step at schedule position `position`: clip, AdamW, guards; the gradient sums
-    /// start again from zero. Errors (one line, for the caller to prefix with the step) when a
-    /// non-finite value stops the run or the update poisons the weights.
+    /// Ends the step at schedule position `position`: the ranks' sums added (all-reduce), clip,
+    /// AdamW, guards — identically on every rank. Errors (one line, for the caller to prefix with
+    /// the step) when a non-finite value stops the run or the update poisons the weights.
     pub fn step(&mut self, position: u64) -> Result<StepOutcome> {
+        let world = crate::dist::world();
+        let lost_elsewhere = world.any(self.nonfinite_loss.is_some()) && self.nonfinite_loss.is_none();
+        self.grads.finish();
+        if !lost_elsewhere && self.nonfinite_loss.is_none() {
+            for b in &mut self.grads.bufs {
+                world.sum_exact(b);
+            }
+        }
         let grad_norm = self.grads.global_norm();
         let nonfinite = match self.nonfinite_loss.take() {
             Some(loss) => Some(format!("non-finite loss ({loss})")),
+            None if lost_elsewhere => Some("non-finite loss on another rank".to_string()),
             None if !grad_norm.is_finite() => {
                 Some(format!("non-finite gradient norm ({grad_norm})"))
             }
             None => None,
         };
         if let Some(what) = nonfinite {
-            self.grads.zero();
+            self.grads.discard();
             return match self.on_nonfinite {
                 OnNonFinite::Stop => Err(anyhow!(
                     "{what}; stopped without updating or writing a checkpoint (set on_nonfinite = \"skip\" to skip such steps)"
@@ -148,7 +179,7 @@ impl Optimizer {
         };
         let lr = self.learning_rate(position);
         let poisoned = self.adamw.update(&self.params, &self.grads, lr, scale)?;
-        self.grads.zero();
+        self.grads.discard();
         if let Some(name) = poisoned.first() {
             return Err(anyhow!(
                 "the update made {name} non-finite (learning rate {lr:.3e} too high?); stopped without writing a checkpoint"
@@ -187,6 +218,7 @@ mod tests {
         let mut opt = Optimizer::new(&cfg, params.clone(), 1);
         let w = params[0].1.as_tensor();
         let loss = (w.sum_all().unwrap() * 3.0).unwrap();
+        opt.start_step(1);
         assert_eq!(opt.accumulate(&loss).unwrap(), 0.0);
         let out = opt.step(0).unwrap();
         let StepOutcome::Updated {
@@ -216,6 +248,7 @@ mod tests {
             let mut opt = Optimizer::new(&cfg, params.clone(), 1);
             let w = params[0].1.as_tensor();
             let bad = (w.sum_all().unwrap() * f64::NAN).unwrap();
+            opt.start_step(2);
             opt.accumulate(&w.sum_all().unwrap()).unwrap();
             assert!(opt.accumulate(&bad).unwrap().is_nan());
             assert!(opt.step_is_lost());
@@ -229,6 +262,7 @@ mod tests {
             assert_eq!(w.to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
             assert_eq!(opt.updates(), 0);
             // The next step starts clean.
+            opt.start_step(1);
             opt.accumulate(&w.sum_all().unwrap()).unwrap();
             assert!(matches!(opt.step(1), Ok(StepOutcome::Updated { .. })));
         }

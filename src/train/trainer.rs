@@ -76,7 +76,7 @@ pub fn total_steps(cfg: &TrainConfig, n: usize) -> u64 {
     if cfg.max_steps > 0 {
         return cfg.max_steps as u64;
     }
-    let per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+    let per_step = cfg.global_batch();
     ((cfg.num_train_epochs * n as f64) / per_step as f64)
         .ceil()
         .max(1.0) as u64
@@ -84,19 +84,38 @@ pub fn total_steps(cfg: &TrainConfig, n: usize) -> u64 {
 
 /// Where a run starts: step 0, or, when resuming, the newest checkpoint in `out` (weights and
 /// optimizer moments restored in place; refused if it was made with other settings). Returns the
-/// state and the checkpoint it came from.
+/// state and the checkpoint it came from. With several ranks, every rank must have the same
+/// fingerprint; rank 0 alone reads the checkpoint, and its weights, moments and state then go to
+/// the others (so every rank starts from the same bits, as DDP does, and the other machines need
+/// no copy of the checkpoints).
 pub fn start_state(
     out: &Path,
     optimizer: &mut Optimizer,
     fingerprint: &str,
     resume: bool,
 ) -> Result<(TrainerState, Option<std::path::PathBuf>)> {
-    let fresh = TrainerState {
-        step: 0,
-        skipped_steps: 0,
-        fingerprint: fingerprint.to_string(),
-        extra: serde_json::Value::Null,
+    let world = crate::dist::world();
+    world.agree("run fingerprint (settings and data)", fingerprint)?;
+    let (mut state, from) = if world.is_main() {
+        main_start_state(out, optimizer, fingerprint, resume)?
+    } else {
+        (TrainerState::fresh(fingerprint), None)
     };
+    if world.size() > 1 {
+        optimizer.broadcast_from_main()?;
+        let text = world.broadcast_bytes(serde_json::to_vec(&state)?);
+        state = serde_json::from_slice(&text)?;
+    }
+    Ok((state, from))
+}
+
+fn main_start_state(
+    out: &Path,
+    optimizer: &mut Optimizer,
+    fingerprint: &str,
+    resume: bool,
+) -> Result<(TrainerState, Option<std::path::PathBuf>)> {
+    let fresh = TrainerState::fresh(fingerprint);
     let Some(ck) = latest_checkpoint(out).filter(|_| resume) else {
         return Ok((fresh, None));
     };
@@ -128,6 +147,9 @@ pub fn mix_seed(seed: u64, step: u64, micro: u64) -> u64 {
 
 /// The progress bar of a run of `total` `unit`s, starting at `position`.
 pub fn progress_bar(total: u64, unit: &str, position: u64) -> ProgressBar {
+    if !crate::dist::world().is_main() {
+        return ProgressBar::hidden();
+    }
     let pb = ProgressBar::new(total);
     pb.set_style(
         ProgressStyle::with_template(&format!(
@@ -158,19 +180,21 @@ pub fn train(
     if n == 0 {
         bail!("no training examples");
     }
-    let per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+    let world = crate::dist::world();
+    let per_step = cfg.global_batch();
     let total = total_steps(cfg, n);
     let mut optimizer = Optimizer::new(cfg, params, total);
     let (mut state, _) = start_state(out, &mut optimizer, fingerprint, resume)?;
-    let mut logger = MetricsLogger::create(out, (resume && state.step > 0).then_some(state.step))?;
+    let mut logger = main_logger(out, (resume && state.step > 0).then_some(state.step))?;
     let pb = progress_bar(total, "steps", state.step);
+    let main = world.is_main();
 
     let mut window = Window::default();
     let (mut all_tokens, run_start) = (0usize, Instant::now());
     let mut last_train = Vec::new();
     let mut eval_metrics = Vec::new();
 
-    if state.step == 0 {
+    if state.step == 0 && main {
         // The starting point, so that curves show where training began.
         let ev = task.evaluate(model)?;
         if !ev.is_empty() {
@@ -180,11 +204,17 @@ pub fn train(
     }
     while state.step < total {
         let step = state.step;
-        // 1. Gradients of the step's micro-batches.
+        // 1. Gradients of this rank's share of the step's micro-batches.
         let examples = step_examples(n, per_step, cfg.seed, step);
+        let micro_batches: Vec<&[usize]> =
+            examples.chunks(cfg.per_device_train_batch_size).collect();
+        let mine = world.share(micro_batches.len());
+        optimizer.start_step(mine.len());
         let mut step_metrics: Vec<(String, f64)> = Vec::new();
-        for (k, micro) in examples.chunks(cfg.per_device_train_batch_size).enumerate() {
+        let mut step_tokens = 0;
+        for k in mine {
             let dropout_seed = mix_seed(cfg.seed, step, k as u64);
+            let micro = micro_batches[k];
             let mb = model
                 .with_adapter_dropout(dropout_seed, || task.micro_batch(model, micro, &examples))?;
             optimizer.accumulate(&mb.loss)?;
@@ -192,8 +222,7 @@ pub fn train(
                 break;
             }
             add_into(&mut step_metrics, &mb.metrics);
-            window.add_tokens(mb.tokens);
-            all_tokens += mb.tokens;
+            step_tokens += mb.tokens;
         }
         // 2. The update.
         match optimizer
@@ -201,11 +230,16 @@ pub fn train(
             .map_err(|e| anyhow!("step {}: {e}", step + 1))
         {
             Ok(StepOutcome::Updated { grad_norm, .. }) => {
+                step_tokens = sum_over_ranks(&mut step_metrics, step_tokens)?;
+                window.add_tokens(step_tokens);
+                all_tokens += step_tokens;
                 add_into(&mut step_metrics, &[("grad_norm".to_string(), grad_norm)]);
                 window.add_step(&step_metrics);
             }
             Ok(StepOutcome::Skipped { reason }) => {
-                pb.suspend(|| eprintln!("step {}: {reason}; step skipped", step + 1));
+                if main {
+                    pb.suspend(|| eprintln!("step {}: {reason}; step skipped", step + 1));
+                }
                 state.skipped_steps += 1;
             }
             Err(e) => {
@@ -228,13 +262,14 @@ pub fn train(
                     .map_or(f64::NAN, |(_, v)| *v);
                 let tps = values.last().map_or(0.0, |(_, v)| *v);
                 pb.set_message(format!("loss {loss:.4} lr {lr:.2e} {tps:.0} tok/s"));
-                if pb.is_hidden() {
+                if pb.is_hidden() && main {
                     eprintln!("step {}/{total} {}", state.step, format_line(&values));
                 }
                 last_train = values;
             }
         }
-        if (cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps as u64)) || last {
+        if main && ((cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps as u64)) || last)
+        {
             let ev = task.evaluate(model)?;
             if !ev.is_empty() {
                 log(&mut logger, state.step, &ev)?;
@@ -242,7 +277,7 @@ pub fn train(
                 eval_metrics = ev;
             }
         }
-        if cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last) {
+        if main && cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last) {
             save_checkpoint(out, &optimizer, &state, cfg.save_total_limit, &[])?;
         }
     }
@@ -256,11 +291,41 @@ pub fn train(
     })
 }
 
+/// The metrics of a step summed over ranks (the same names in the same order on every rank, as
+/// every rank ran the same micro-batch code), and its tokens; returns the tokens.
+pub fn sum_over_ranks(metrics: &mut [(String, f64)], tokens: usize) -> Result<usize> {
+    let world = crate::dist::world();
+    if world.size() == 1 {
+        return Ok(tokens);
+    }
+    // Sums of vectors of different lengths would not be sums: check first.
+    let mut count = [metrics.len() as f64];
+    world.sum_f64(&mut count);
+    if count[0] != (metrics.len() * world.size()) as f64 {
+        bail!("the ranks logged different metrics for a step (a rank without micro-batches?)");
+    }
+    let mut values: Vec<f64> = metrics.iter().map(|(_, v)| *v).collect();
+    values.push(tokens as f64);
+    world.sum_f64(&mut values);
+    for ((_, m), v) in metrics.iter_mut().zip(&values) {
+        *m = *v;
+    }
+    Ok(values[values.len() - 1] as usize)
+}
+
+/// The metrics files, written by rank 0 alone (None on the other ranks).
+pub fn main_logger(out: &Path, resumed_at: Option<u64>) -> Result<Option<MetricsLogger>> {
+    if !crate::dist::world().is_main() {
+        return Ok(None);
+    }
+    MetricsLogger::create(out, resumed_at).map(Some)
+}
+
 /// Logs the window's means (with the learning rate, epoch and throughput) and starts a new one;
 /// nothing when no step of the window updated.
 fn log_window(
     window: &mut Window,
-    logger: &mut MetricsLogger,
+    logger: &mut Option<MetricsLogger>,
     step: u64,
     lr: f64,
     epoch: f64,
@@ -277,8 +342,11 @@ fn log_window(
     Ok(Some(values))
 }
 
-/// One metrics line (JSONL + TensorBoard).
-pub fn log(logger: &mut MetricsLogger, step: u64, values: &[(String, f64)]) -> Result<()> {
+/// One metrics line (JSONL + TensorBoard), on rank 0.
+pub fn log(logger: &mut Option<MetricsLogger>, step: u64, values: &[(String, f64)]) -> Result<()> {
+    let Some(logger) = logger else {
+        return Ok(());
+    };
     let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
     logger.log(step, &refs)
 }
