@@ -10,6 +10,7 @@ mod chat_template;
 mod checkpointing;
 mod cli_errors;
 mod convert;
+mod distributed;
 mod eval;
 mod frozen_storage;
 mod fused_ops;

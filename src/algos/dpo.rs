@@ -334,7 +334,9 @@ impl ReferenceCache {
             cached.and_then(|v| serde_json::from_value(v["logps"].clone()).ok());
         match logps.filter(|l| {
             l.len() == comparisons.len()
-                && l.iter().zip(comparisons).all(|(l, c)| l.len() == c.completions.len())
+                && l.iter()
+                    .zip(comparisons)
+                    .all(|(l, c)| l.len() == c.completions.len())
         }) {
             Some(l) => {
                 eprintln!("{what}: reference log-probs from cache {}", p.display());

@@ -11,6 +11,38 @@
 #[cfg(feature = "mpi")]
 mod mpi;
 
+/// A build without MPI: the world has one rank, so no collective ever reaches these.
+#[cfg(not(feature = "mpi"))]
+mod mpi {
+    const NONE: &str = "several ranks in a build without MPI";
+    pub struct WorldLink;
+    impl super::Link for WorldLink {
+        fn exchange(&self, _: usize, _: &[f32], _: &mut [f32]) {
+            unreachable!("{NONE}")
+        }
+        fn send(&self, _: usize, _: &[f32]) {
+            unreachable!("{NONE}")
+        }
+        fn receive(&self, _: usize, _: &mut [f32]) {
+            unreachable!("{NONE}")
+        }
+    }
+    pub fn finalize() {}
+    pub fn abort(_: i32) {}
+    pub fn sum_f64(_: &mut [f64]) {
+        unreachable!("{NONE}")
+    }
+    pub fn all_gather_bytes(_: &[u8], _: usize) -> Vec<Vec<u8>> {
+        unreachable!("{NONE}")
+    }
+    pub fn broadcast_bytes(_: Vec<u8>, _: usize) -> Vec<u8> {
+        unreachable!("{NONE}")
+    }
+    pub fn broadcast_f32(_: &mut [f32]) {
+        unreachable!("{NONE}")
+    }
+}
+
 use anyhow::{bail, Result};
 use serde::{de::DeserializeOwned, Serialize};
 use std::ops::Range;
@@ -63,7 +95,6 @@ pub fn world() -> &'static World {
 
 /// Leaves the MPI world at the end of a successful run (nothing without one).
 pub fn finalize() {
-    #[cfg(feature = "mpi")]
     mpi::finalize();
 }
 
@@ -73,7 +104,6 @@ pub fn fail(message: &str) -> ! {
     let w = world();
     if w.size > 1 {
         eprintln!("error: rank {} of {}: {message}", w.rank, w.size);
-        #[cfg(feature = "mpi")]
         mpi::abort(1);
     } else {
         eprintln!("error: {message}");
@@ -133,15 +163,15 @@ pub(crate) fn tree_sum(link: &impl Link, rank: usize, size: usize, buf: &mut [f3
             (mid..hi, lo..mid)
         };
         exchange_add(link, partner, buf, keep.clone(), give, &mut scratch);
-        segments.push((lo, hi));
+        segments.push((lo, hi, rank & d == 0));
         (lo, hi) = (keep.start, keep.end);
         d <<= 1;
     }
     // All-gather: undo the halving, each pair swapping the halves it finished.
-    while let Some((plo, phi)) = segments.pop() {
+    while let Some((plo, phi, kept_lower)) = segments.pop() {
         d >>= 1;
         let partner = rank ^ d;
-        let other = if lo == plo { hi..phi } else { plo..lo };
+        let other = if kept_lower { hi..phi } else { plo..lo };
         exchange_copy(link, partner, buf, lo..hi, other);
         (lo, hi) = (plo, phi);
     }
@@ -195,7 +225,7 @@ fn exchange_copy(
     for j in 0..messages(&mine, &theirs) {
         let (m, t) = (piece(&mine, j), piece(&theirs, j));
         // The two ranges do not overlap: split the buffer between them.
-        let (send, recv) = if m.start < t.start {
+        let (send, recv) = if m.end <= t.start {
             let (a, b) = buf.split_at_mut(t.start);
             (&a[m.clone()], &mut b[..t.len()])
         } else {
@@ -231,16 +261,12 @@ impl World {
 
     /// The sum over ranks of `buf`, in place, bit-identical on every rank (see [`tree_sum`]).
     pub fn sum_exact(&self, buf: &mut [f32]) {
-        if self.size > 1 {
-            #[cfg(feature = "mpi")]
-            tree_sum(&mpi::WorldLink, self.rank, self.size, buf);
-        }
+        tree_sum(&mpi::WorldLink, self.rank, self.size, buf);
     }
 
     /// Sums of small values (metrics, counts) over ranks, in place.
     pub fn sum_f64(&self, xs: &mut [f64]) {
         if self.size > 1 {
-            #[cfg(feature = "mpi")]
             mpi::sum_f64(xs);
         }
     }
@@ -257,10 +283,7 @@ impl World {
         if self.size == 1 {
             return vec![mine.to_vec()];
         }
-        #[cfg(feature = "mpi")]
-        return mpi::all_gather_bytes(mine, self.size);
-        #[cfg(not(feature = "mpi"))]
-        unreachable!("several ranks without MPI")
+        mpi::all_gather_bytes(mine, self.size)
     }
 
     /// Rank 0's `data` on every rank (the others' argument is ignored).
@@ -268,10 +291,7 @@ impl World {
         if self.size == 1 {
             return data;
         }
-        #[cfg(feature = "mpi")]
-        return mpi::broadcast_bytes(data, self.rank);
-        #[cfg(not(feature = "mpi"))]
-        unreachable!("several ranks without MPI")
+        mpi::broadcast_bytes(data, self.rank)
     }
 
     /// Every rank's `mine` concatenated in rank order: with `mine` computed from this rank's
@@ -299,7 +319,6 @@ impl World {
     /// Rank 0's values of `buf` on every rank.
     pub fn broadcast_f32(&self, buf: &mut [f32]) {
         if self.size > 1 {
-            #[cfg(feature = "mpi")]
             for piece in buf.chunks_mut(MESSAGE) {
                 mpi::broadcast_f32(piece);
             }
@@ -356,8 +375,8 @@ mod tests {
 
     fn run(inputs: Vec<Vec<f32>>) -> Vec<Vec<f32>> {
         let n = inputs.len();
-        let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = vec![vec![]; n];
-        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = vec![vec![]; n];
+        let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = (0..n).map(|_| vec![]).collect();
+        let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..n).map(|_| vec![]).collect();
         for row in senders.iter_mut() {
             for to in receivers.iter_mut() {
                 let (s, r) = channel();

@@ -198,13 +198,17 @@ unsafe fn columns_avx512(
     let whole = k / L * L;
     let mut j = j0;
     while j + 4 <= j1 {
+        // The last tile may have fewer than 4 rows of x: the same lanes and sums, so a row's
+        // result does not depend on how many rows are multiplied with it (data-parallel ranks
+        // decoding different numbers of rows sample the same tokens).
         let mut i = 0;
-        while i + 4 <= m {
+        while i < m {
+            let b_n = 4.min(m - i);
             let mut acc = [_mm512_setzero_ps(); 16];
             let mut o = 0;
             while o < whole {
                 let wv = [0, 1, 2, 3].map(|a| _mm512_loadu_ps(wp.add((j + a) * k + o)));
-                for b in 0..4 {
+                for b in 0..b_n {
                     let xv = _mm512_loadu_ps(xp.add((i + b) * k + o));
                     for a in 0..4 {
                         acc[4 * a + b] = _mm512_fmadd_ps(wv[a], xv, acc[4 * a + b]);
@@ -213,7 +217,7 @@ unsafe fn columns_avx512(
                 o += L;
             }
             for a in 0..4 {
-                for b in 0..4 {
+                for b in 0..b_n {
                     let mut s = _mm512_reduce_add_ps(acc[4 * a + b]);
                     for o in whole..k {
                         s += *wp.add((j + a) * k + o) * *xp.add((i + b) * k + o);
@@ -222,10 +226,6 @@ unsafe fn columns_avx512(
                 }
             }
             i += 4;
-        }
-        while i < m {
-            tile::<4, 1>(xp, wp, k, i, j, out, n);
-            i += 1;
         }
         j += 4;
     }
@@ -563,4 +563,38 @@ pub fn product_bf16(x: &[f32], w: Bf16View, m: usize) -> Vec<f32> {
         Isa::Scalar
     };
     product_bf16_on(isa, x, w, m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row's product is the same bits whatever rows are multiplied with it, on every path this
+    /// CPU has: the data-parallel ranks decode their share of a batch and must sample the tokens
+    /// one process decoding all of it samples.
+    #[test]
+    fn a_rows_product_does_not_depend_on_the_other_rows() {
+        let (k, n) = (77, 70);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        let x: Vec<f32> = (0..9 * k)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) * 0.021)
+            .collect();
+        for isa in Isa::available() {
+            let all = product_on(isa, &x, &w, 9, k, n);
+            for (start, m) in [(0, 1), (4, 5), (1, 3), (8, 1), (2, 7)] {
+                let part = product_on(isa, &x[start * k..], &w, m, k, n);
+                for r in 0..m {
+                    let (a, b) = (&all[(start + r) * n..][..n], &part[r * n..][..n]);
+                    assert!(
+                        a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                        "{}: row {} of {m} from {start}",
+                        isa.name(),
+                        r
+                    );
+                }
+            }
+        }
+    }
 }

@@ -347,12 +347,18 @@ impl<'a> Looping<'a> {
             tokenizer: run.tokenizer,
             chunk: self.cfg.micro_batch,
         };
-        rollout::collect(self.models.policy, run.prompts, &chosen[mine], &sampling, with)
-            .and_then(Rollout::gather)
-            .map_err(|e| {
-                self.pb.abandon();
-                anyhow!("iteration {}: {e:#}; stopped", it + 1)
-            })
+        rollout::collect(
+            self.models.policy,
+            run.prompts,
+            &chosen[mine],
+            &sampling,
+            with,
+        )
+        .and_then(Rollout::gather)
+        .map_err(|e| {
+            self.pb.abandon();
+            anyhow!("iteration {}: {e:#}; stopped", it + 1)
+        })
     }
 
     /// Phase 3: epochs × minibatches, each one optimizer step accumulated over micro-batches

@@ -4,8 +4,8 @@
 //! `mask` marks the response tokens; everything outside the response is 0.
 
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::time::Instant;
 
@@ -228,7 +228,11 @@ impl Rollout {
                 / n.max(1) as f64;
         }
         let cat = |f: &dyn Fn(&Share) -> Option<Vec<Vec<f32>>>| -> Option<Vec<Vec<f32>>> {
-            shares.iter().map(f).collect::<Option<Vec<_>>>().map(|v| v.concat())
+            shares
+                .iter()
+                .map(f)
+                .collect::<Option<Vec<_>>>()
+                .map(|v| v.concat())
         };
         let old = cat(&|s| Some(s.old_logp.clone())).unwrap_or_default();
         let reference = cat(&|s| s.ref_logp.clone());

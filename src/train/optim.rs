@@ -94,7 +94,10 @@ impl GradBuffers {
     pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
         let i = self.arrived;
         if i >= self.leaves {
-            bail!("more micro-batches than the {} the step was started with", self.leaves);
+            bail!(
+                "more micro-batches than the {} the step was started with",
+                self.leaves
+            );
         }
         // The right sibling of the newest partial sum is added into it; anything else waits.
         let joins = matches!(self.pending.last(), Some((r, _)) if r.end == i && self.splits(r.start, i + 1, i));
@@ -364,6 +367,41 @@ impl AdamW {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Six micro-batches are summed as (g0 + (g1 + g2)) + (g3 + (g4 + g5)): each half is what a
+    /// rank holding three of them sums, so two ranks meet in the same tree.
+    #[test]
+    fn micro_batch_gradients_add_up_in_the_midpoint_tree() {
+        let dev = Device::Cpu;
+        let params = vec![(
+            "w".to_string(),
+            Var::from_vec(vec![0f32; 2], 2, &dev).unwrap(),
+        )];
+        let big = [1e8, 1.0, 1.0, -1e8, 1.0, 1.0];
+        let g: Vec<[f32; 2]> = (0..6).map(|i| [big[i], 3.3e-3 * i as f32 - 7.0]).collect();
+        let mut grads = GradBuffers::new(&params);
+        grads.start(6);
+        for gi in &g {
+            let c = Tensor::from_slice(gi, 2, &dev).unwrap();
+            let loss = (params[0].1.as_tensor() * c).unwrap().sum_all().unwrap();
+            grads.add(&params, &loss.backward().unwrap()).unwrap();
+        }
+        grads.finish();
+        let sum3 = |a: usize, e: usize| g[a][e] + (g[a + 1][e] + g[a + 2][e]);
+        for e in 0..2 {
+            let want = sum3(0, e) + sum3(3, e);
+            assert_eq!(grads.bufs[0][e].to_bits(), want.to_bits(), "element {e}");
+        }
+        let running: f32 = (0..6).map(|i| g[i][0]).sum();
+        assert_ne!(
+            running,
+            sum3(0, 0) + sum3(3, 0),
+            "the order should matter for these values"
+        );
+        // A seventh micro-batch is refused.
+        let loss = params[0].1.as_tensor().sum_all().unwrap();
+        assert!(grads.add(&params, &loss.backward().unwrap()).is_err());
+    }
 
     /// Two AdamW updates against values computed by hand (Python floats, torch.optim.AdamW's
     /// rule: p ← p·(1 − lr·λ) − lr·m̂/(√v̂ + ε)), the second with a clipping factor of 0.5.

@@ -147,7 +147,8 @@ impl Optimizer {
     /// the step) when a non-finite value stops the run or the update poisons the weights.
     pub fn step(&mut self, position: u64) -> Result<StepOutcome> {
         let world = crate::dist::world();
-        let lost_elsewhere = world.any(self.nonfinite_loss.is_some()) && self.nonfinite_loss.is_none();
+        let lost_elsewhere =
+            world.any(self.nonfinite_loss.is_some()) && self.nonfinite_loss.is_none();
         self.grads.finish();
         if !lost_elsewhere && self.nonfinite_loss.is_none() {
             for b in &mut self.grads.bufs {

@@ -268,7 +268,8 @@ pub fn train(
                 last_train = values;
             }
         }
-        if main && ((cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps as u64)) || last)
+        if main
+            && ((cfg.eval_steps > 0 && state.step.is_multiple_of(cfg.eval_steps as u64)) || last)
         {
             let ev = task.evaluate(model)?;
             if !ev.is_empty() {
@@ -277,7 +278,8 @@ pub fn train(
                 eval_metrics = ev;
             }
         }
-        if main && cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last) {
+        if main && cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last)
+        {
             save_checkpoint(out, &optimizer, &state, cfg.save_total_limit, &[])?;
         }
     }
