@@ -4,8 +4,6 @@
 //! rank stops the run naming itself, and the run resumes bit-identically. Without the feature,
 //! only the refusal of a build without MPI under a launcher is tested.
 
-use crate::common::*;
-
 /// `rlhf` started as one of two ranks of a launcher, in a build without MPI, refuses to train:
 /// its copies would each run the whole job into the same output directory.
 #[cfg(not(feature = "mpi"))]
@@ -28,7 +26,7 @@ fn a_build_without_mpi_refuses_to_run_as_one_of_several_ranks() {
 
 #[cfg(feature = "mpi")]
 mod with_mpi {
-    use super::*;
+    use crate::common::*;
     use serde_json::json;
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output, Stdio};
@@ -379,5 +377,53 @@ mod with_mpi {
         let a = std::fs::read(full.join("model.safetensors")).unwrap();
         let b = std::fs::read(killed.join("model.safetensors")).unwrap();
         assert!(a == b, "the resumed run ended with different weights");
+    }
+
+    /// A run can move between 1 process × 4 and 2 ranks × 2 (the same global batch) and end
+    /// where it would have; a different global batch is refused, saying what to run.
+    #[test]
+    fn a_checkpoint_resumes_on_other_ranks_with_the_same_global_batch_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut rng = Lcg(25);
+        let file = data(
+            tmp.path(),
+            "sft.jsonl",
+            (0..16).map(|_| json!({"prompt": phrase(&mut rng, 3), "completion": format!(" {}", phrase(&mut rng, 3))})),
+        );
+        let mut sets = base("train_file", &file);
+        sets.retain(|s| !s.starts_with("max_steps"));
+        sets.extend(["max_steps=4".into(), "save_total_limit=10".into()]);
+        let with = |out: &Path, acc: usize, resume: bool| {
+            let mut a = args("sft", out, &sets, acc);
+            a.extend(["--set".into(), "save_steps=2".into()]);
+            if resume {
+                a.retain(|x| x != "--overwrite");
+                a.insert(1, "--resume".into());
+            }
+            a
+        };
+        let full = tmp.path().join("full");
+        assert_ok(&run(1, &with(&full, 4, false)));
+        let part = tmp.path().join("part");
+        copy_checkpoints(&full, &part, &["00000002"]);
+        // 2 ranks × 1 is a global batch of 2 micro-batches, not 4: refused.
+        let refused = run(2, &with(&part, 1, true));
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success());
+        assert!(
+            err.contains("1 rank(s) × gradient_accumulation_steps 4")
+                && err.contains("mpirun -np 1"),
+            "{err}"
+        );
+        // 2 ranks × 2: resumed, and the same bits as the single process's whole run.
+        let resumed = run(2, &with(&part, 2, true));
+        assert_ok(&resumed);
+        assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming from"));
+        let a = std::fs::read(full.join("model.safetensors")).unwrap();
+        let b = std::fs::read(part.join("model.safetensors")).unwrap();
+        assert!(
+            a == b,
+            "resumed on 2 ranks, the run ended with different weights"
+        );
     }
 }

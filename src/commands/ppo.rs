@@ -220,7 +220,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let outcome = rl::run(&loop_cfg, &models, &mut Ppo::new(ppo), run_info)?;
     save_final(&policy, out.path())?;
-    eprintln!(
+    // The other ranks of a data-parallel run wrote nothing.
+    if crate::dist::world().is_main() {
+        eprintln!(
         "done: {} iterations ({} updates skipped); last score {:.4}, KL {:.3}; policy written to {}",
         outcome.iterations,
         outcome.skipped_updates,
@@ -228,5 +230,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         outcome.last("objective/kl"),
         out.path().display()
     );
+    }
     Ok(())
 }

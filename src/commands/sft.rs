@@ -97,7 +97,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .iter()
         .find(|(k, _)| k == "loss")
         .map(|(_, v)| *v);
-    eprintln!(
+    // The other ranks of a data-parallel run wrote nothing.
+    if crate::dist::world().is_main() {
+        eprintln!(
         "done: {} steps ({} skipped), last train loss {}, {}{:.0} tokens/s; model written to {}",
         outcome.steps,
         outcome.skipped_steps,
@@ -106,5 +108,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         outcome.tokens_per_second,
         out.path().display()
     );
+    }
     Ok(())
 }

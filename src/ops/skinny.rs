@@ -198,17 +198,13 @@ unsafe fn columns_avx512(
     let whole = k / L * L;
     let mut j = j0;
     while j + 4 <= j1 {
-        // The last tile may have fewer than 4 rows of x: the same lanes and sums, so a row's
-        // result does not depend on how many rows are multiplied with it (data-parallel ranks
-        // decoding different numbers of rows sample the same tokens).
         let mut i = 0;
-        while i < m {
-            let b_n = 4.min(m - i);
+        while i + 4 <= m {
             let mut acc = [_mm512_setzero_ps(); 16];
             let mut o = 0;
             while o < whole {
                 let wv = [0, 1, 2, 3].map(|a| _mm512_loadu_ps(wp.add((j + a) * k + o)));
-                for b in 0..b_n {
+                for b in 0..4 {
                     let xv = _mm512_loadu_ps(xp.add((i + b) * k + o));
                     for a in 0..4 {
                         acc[4 * a + b] = _mm512_fmadd_ps(wv[a], xv, acc[4 * a + b]);
@@ -217,7 +213,7 @@ unsafe fn columns_avx512(
                 o += L;
             }
             for a in 0..4 {
-                for b in 0..b_n {
+                for b in 0..4 {
                     let mut s = _mm512_reduce_add_ps(acc[4 * a + b]);
                     for o in whole..k {
                         s += *wp.add((j + a) * k + o) * *xp.add((i + b) * k + o);
@@ -226,6 +222,29 @@ unsafe fn columns_avx512(
                 }
             }
             i += 4;
+        }
+        // The leftover rows one at a time with the same lanes and sums as the 4-row tile, so a
+        // row's result does not depend on how many rows are multiplied with it (data-parallel
+        // ranks decoding their shares of a batch sample what one process decoding it all does).
+        while i < m {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut o = 0;
+            while o < whole {
+                let xv = _mm512_loadu_ps(xp.add(i * k + o));
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_loadu_ps(wp.add((j + a) * k + o));
+                    *acc = _mm512_fmadd_ps(wv, xv, *acc);
+                }
+                o += L;
+            }
+            for (a, acc) in acc.iter().enumerate() {
+                let mut s = _mm512_reduce_add_ps(*acc);
+                for o in whole..k {
+                    s += *wp.add((j + a) * k + o) * *xp.add(i * k + o);
+                }
+                *out.at(i * n + j + a) = s;
+            }
+            i += 1;
         }
         j += 4;
     }

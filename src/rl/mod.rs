@@ -280,7 +280,13 @@ impl<'a> Looping<'a> {
                 .map(|(_, v)| v.as_tensor().detach())
                 .collect(),
         });
-        let (state, resumed_from) = start_state(&out, &mut optimizer, run.fingerprint, run.resume)?;
+        let (state, resumed_from) = start_state(
+            &out,
+            &mut optimizer,
+            run.fingerprint,
+            run.resume,
+            train.layout(),
+        )?;
         objective.restore(&state.extra["objective"]);
         if let (Some(e), Some(ck)) = (ema.as_mut(), &resumed_from) {
             let saved = load_extra_tensors(ck)?;
@@ -445,6 +451,10 @@ impl<'a> Looping<'a> {
                         applied += 1;
                         sum_over_ranks(&mut update_stats, 0)?;
                         update_stats.push(("grad_norm".into(), grad_norm));
+                        if world.size() > 1 {
+                            let secs = self.optimizer.all_reduce_secs();
+                            update_stats.push(("time/all_reduce".into(), secs));
+                        }
                         update_stats.push(("learning_rate".into(), learning_rate));
                         for (k, v) in &update_stats {
                             add(&mut stats, k, *v);

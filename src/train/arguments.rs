@@ -167,6 +167,14 @@ impl TrainConfig {
         self.gradient_accumulation_steps * crate::dist::world().size()
     }
 
+    /// This run's ranks and per-rank accumulation.
+    pub fn layout(&self) -> super::state::Layout {
+        super::state::Layout {
+            ranks: crate::dist::world().size(),
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+        }
+    }
+
     /// Examples per optimizer step over all ranks.
     pub fn global_batch(&self) -> usize {
         self.per_device_train_batch_size * self.global_accumulation()

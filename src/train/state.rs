@@ -21,6 +21,22 @@ pub struct TrainerState {
     /// Algorithm-specific state (e.g. a KL controller), opaque to the trainer.
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// How the run was spread over processes (absent in checkpoints of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<Layout>,
+}
+
+/// Ranks × micro-batches per rank of a run: what its global batch is made of.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Layout {
+    pub ranks: usize,
+    pub gradient_accumulation_steps: usize,
+}
+
+impl Layout {
+    pub fn global_accumulation(&self) -> usize {
+        self.ranks * self.gradient_accumulation_steps
+    }
 }
 
 impl TrainerState {
@@ -31,6 +47,7 @@ impl TrainerState {
             skipped_steps: 0,
             fingerprint: fingerprint.to_string(),
             extra: serde_json::Value::Null,
+            layout: None,
         }
     }
 }

@@ -37,6 +37,8 @@ pub struct Optimizer {
     on_nonfinite: OnNonFinite,
     /// The first non-finite loss of the step being accumulated.
     nonfinite_loss: Option<f32>,
+    /// Seconds the last step spent summing gradients across ranks.
+    all_reduce_secs: f64,
 }
 
 impl Optimizer {
@@ -67,7 +69,13 @@ impl Optimizer {
             max_grad_norm: cfg.max_grad_norm,
             on_nonfinite: cfg.on_nonfinite,
             nonfinite_loss: None,
+            all_reduce_secs: 0.0,
         }
+    }
+
+    /// Seconds the last step spent summing the gradients across ranks (0 with one rank).
+    pub fn all_reduce_secs(&self) -> f64 {
+        self.all_reduce_secs
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -150,11 +158,13 @@ impl Optimizer {
         let lost_elsewhere =
             world.any(self.nonfinite_loss.is_some()) && self.nonfinite_loss.is_none();
         self.grads.finish();
+        let t = std::time::Instant::now();
         if !lost_elsewhere && self.nonfinite_loss.is_none() {
             for b in &mut self.grads.bufs {
                 world.sum_exact(b);
             }
         }
+        self.all_reduce_secs = t.elapsed().as_secs_f64();
         let grad_norm = self.grads.global_norm();
         let nonfinite = match self.nonfinite_loss.take() {
             Some(loss) => Some(format!("non-finite loss ({loss})")),

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use super::arguments::TrainConfig;
 use super::metrics::{add_into, format_line, MetricsLogger, Window};
-use super::state::{latest_checkpoint, load_checkpoint, save_checkpoint, TrainerState};
+use super::state::{latest_checkpoint, load_checkpoint, save_checkpoint, Layout, TrainerState};
 use super::step::{Optimizer, StepOutcome};
 use crate::model::CausalLm;
 
@@ -93,14 +93,16 @@ pub fn start_state(
     optimizer: &mut Optimizer,
     fingerprint: &str,
     resume: bool,
+    layout: Layout,
 ) -> Result<(TrainerState, Option<std::path::PathBuf>)> {
     let world = crate::dist::world();
     world.agree("run fingerprint (settings and data)", fingerprint)?;
     let (mut state, from) = if world.is_main() {
-        main_start_state(out, optimizer, fingerprint, resume)?
+        main_start_state(out, optimizer, fingerprint, resume, layout)?
     } else {
         (TrainerState::fresh(fingerprint), None)
     };
+    state.layout = Some(layout);
     if world.size() > 1 {
         optimizer.broadcast_from_main()?;
         let text = world.broadcast_bytes(serde_json::to_vec(&state)?);
@@ -114,6 +116,7 @@ fn main_start_state(
     optimizer: &mut Optimizer,
     fingerprint: &str,
     resume: bool,
+    layout: Layout,
 ) -> Result<(TrainerState, Option<std::path::PathBuf>)> {
     let fresh = TrainerState::fresh(fingerprint);
     let Some(ck) = latest_checkpoint(out).filter(|_| resume) else {
@@ -125,6 +128,21 @@ fn main_start_state(
             "{}: checkpoint was written by an older rlhf (fingerprint format before {}); resume it with that version, or start again with --overwrite",
             ck.display(),
             crate::train::fingerprint::FORMAT
+        );
+    }
+    if let Some(was) = loaded.layout.filter(|l| {
+        loaded.fingerprint != fingerprint && l.global_accumulation() != layout.global_accumulation()
+    }) {
+        bail!(
+            "{}: checkpoint was written by {} rank(s) × gradient_accumulation_steps {} (a global batch of {} micro-batches); this run has {} × {}: resume with the same product, e.g. mpirun -np {} and gradient_accumulation_steps = {}",
+            ck.display(),
+            was.ranks,
+            was.gradient_accumulation_steps,
+            was.global_accumulation(),
+            layout.ranks,
+            layout.gradient_accumulation_steps,
+            was.ranks,
+            was.gradient_accumulation_steps
         );
     }
     if loaded.fingerprint != fingerprint {
@@ -184,7 +202,7 @@ pub fn train(
     let per_step = cfg.global_batch();
     let total = total_steps(cfg, n);
     let mut optimizer = Optimizer::new(cfg, params, total);
-    let (mut state, _) = start_state(out, &mut optimizer, fingerprint, resume)?;
+    let (mut state, _) = start_state(out, &mut optimizer, fingerprint, resume, cfg.layout())?;
     let mut logger = main_logger(out, (resume && state.step > 0).then_some(state.step))?;
     let pb = progress_bar(total, "steps", state.step);
     let main = world.is_main();
@@ -234,6 +252,10 @@ pub fn train(
                 window.add_tokens(step_tokens);
                 all_tokens += step_tokens;
                 add_into(&mut step_metrics, &[("grad_norm".to_string(), grad_norm)]);
+                if world.size() > 1 {
+                    let secs = optimizer.all_reduce_secs();
+                    add_into(&mut step_metrics, &[("time/all_reduce".to_string(), secs)]);
+                }
                 window.add_step(&step_metrics);
             }
             Ok(StepOutcome::Skipped { reason }) => {
