@@ -101,6 +101,15 @@ fn main() {
     if let Err(e) = rlhf::dist::init() {
         rlhf::dist::fail(&rlhf::io::one_line_error(&e));
     }
+    let trains = matches!(
+        cli.command,
+        Command::Sft(_) | Command::Rm(_) | Command::Dpo(_) | Command::Ppo(_) | Command::Grpo(_)
+    );
+    if rlhf::dist::world().size() > 1 && !trains {
+        rlhf::dist::fail(
+            "only the training commands (sft, rm, dpo, ppo, grpo) run on several MPI ranks; run this one without mpirun",
+        );
+    }
     let result = match &cli.command {
         Command::Logprobs(a) => commands::logprobs::run(a),
         Command::Generate(a) => commands::generate::run(a),

@@ -369,6 +369,7 @@ mod with_mpi {
             stopped_in < Duration::from_secs(20),
             "mpirun took {stopped_in:?} to stop"
         );
+        eprintln!("mpirun stopped {stopped_in:?} after rank 1 was killed");
         assert!(err.contains("rank 1") && err.contains("signal 9"), "{err}");
         if killed.join("model.safetensors").exists() {
             panic!("the run finished before the kill; make it longer");
@@ -431,5 +432,17 @@ mod with_mpi {
             a == b,
             "resumed on 2 ranks, the run ended with different weights"
         );
+    }
+
+    #[test]
+    fn commands_that_do_not_train_refuse_to_run_on_several_ranks() {
+        let model = model_path("llama-tied");
+        let out = run(
+            2,
+            &["logprobs", "--model", &model, "--text", "a b"].map(String::from),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("only the training commands"), "{err}");
     }
 }

@@ -61,8 +61,17 @@ pub fn start_training(
     train
         .validate()
         .with_context(|| settings.origin().to_string())?;
+    let world = crate::dist::world();
     if train.threads > 0 {
         std::env::set_var("RAYON_NUM_THREADS", train.threads.to_string());
+    } else if world.size() > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Ranks sharing a machine share its cores (torchrun does the same with OMP_NUM_THREADS):
+        // the cores this rank is bound to, else its part of the machine's.
+        let threads = crate::dist::threads_per_rank();
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        if world.is_main() {
+            eprintln!("note: {threads} thread(s) per rank; set threads to change it");
+        }
     }
     crate::ops::bf16::set_enabled(bf16_pays(train.bf16))?;
     crate::model::set_frozen_dtype(train.frozen_dtype);

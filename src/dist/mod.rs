@@ -67,6 +67,44 @@ fn launched_size() -> usize {
         .unwrap_or(1)
 }
 
+/// How many ranks of the run share this machine, as the launcher says (1 when it does not).
+pub fn local_ranks() -> usize {
+    [
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_NTASKS_PER_NODE",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok()?.parse().ok())
+    .unwrap_or(1)
+    .max(1)
+}
+
+/// Threads for a rank that was not told: the cores it is bound to (`mpirun --bind-to core`), or,
+/// unbound, the machine's cores divided among the ranks on it.
+pub fn threads_per_rank() -> usize {
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| count_cpus(s.trim()))
+        .unwrap_or(usable);
+    if usable < online {
+        usable
+    } else {
+        (usable / local_ranks()).max(1)
+    }
+}
+
+/// The number of CPUs in a list such as `0-3,6,8-9`.
+fn count_cpus(list: &str) -> Option<usize> {
+    list.split(',')
+        .map(|part| match part.split_once('-') {
+            Some((a, b)) => Some(b.parse::<usize>().ok()? + 1 - a.parse::<usize>().ok()?),
+            None => part.parse::<usize>().ok().map(|_| 1),
+        })
+        .sum()
+}
+
 /// Joins the run's ranks when a launcher started this process (MPI is initialised only then, so
 /// the same binary runs alone without it); call once, first thing in `main`. A build without the
 /// `mpi` feature under `mpirun -np N > 1` is refused: its N copies would each train alone into
@@ -448,6 +486,13 @@ mod tests {
         for out in run(x) {
             assert_eq!(out, want);
         }
+    }
+
+    #[test]
+    fn cpu_lists_are_counted() {
+        assert_eq!(count_cpus("0-3,6,8-9"), Some(7));
+        assert_eq!(count_cpus("0"), Some(1));
+        assert_eq!(count_cpus("x"), None);
     }
 
     #[test]
