@@ -57,16 +57,6 @@ fn run(command: &str, out: &Path, sets: &[String], batch: &str, accumulation: &s
     assert_ok(&run_with_sets(&[command], &all));
 }
 
-fn phrase(rng: &mut Lcg, n: usize) -> String {
-    let words = [
-        "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "red",
-    ];
-    (0..n)
-        .map(|_| words[rng.below(words.len())])
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[test]
 fn dpo_accumulated_micro_batches_equal_one_batch() {
     let tmp = tempfile::tempdir().unwrap();

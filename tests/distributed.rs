@@ -123,16 +123,6 @@ mod with_mpi {
         relative_difference(&one, &two)
     }
 
-    fn phrase(rng: &mut Lcg, n: usize) -> String {
-        let words = [
-            "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "red",
-        ];
-        (0..n)
-            .map(|_| words[rng.below(words.len())])
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-
     fn data(dir: &Path, name: &str, rows: impl Iterator<Item = serde_json::Value>) -> String {
         let path = dir.join(name);
         write_jsonl(&path, &rows.collect::<Vec<_>>());

@@ -112,6 +112,17 @@ impl Lcg {
     }
 }
 
+/// `n` words of a ten-word vocabulary: text for the tiny fixture models.
+pub fn phrase(rng: &mut Lcg, n: usize) -> String {
+    let words = [
+        "the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "red",
+    ];
+    (0..n)
+        .map(|_| words[rng.below(words.len())])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Runs `rlhf <command…> --set s --set s …`, settings in order (a later one overrides).
 pub fn run_with_sets<S: AsRef<str>>(command: &[&str], sets: &[S]) -> std::process::Output {
     let mut args: Vec<&str> = command.to_vec();
