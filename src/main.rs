@@ -128,6 +128,13 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {
+        if let Some(stop) = e.downcast_ref::<rlhf::train::interrupt::Interrupted>() {
+            if rlhf::dist::world().is_main() {
+                eprintln!("{stop}");
+            }
+            rlhf::dist::finalize();
+            std::process::exit(stop.exit_code());
+        }
         rlhf::dist::fail(&rlhf::io::one_line_error(&e));
     }
     rlhf::dist::finalize();

@@ -334,3 +334,38 @@ fn published_templates_of_the_new_families_render_as_transformers_does() {
     }
     assert!(checked >= 40, "{checked} cases");
 }
+
+/// A template that loops without end or prints without bound fails fast, naming where it came
+/// from, instead of hanging data preparation or exhausting memory.
+#[test]
+fn templates_that_loop_or_print_without_end_are_refused_quickly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tok, _) = load("tokenizer");
+    let cases = [
+        (
+            "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}",
+            "budget",
+        ),
+        (
+            "{% for a in range(10000) %}{% for b in range(10000) %}{{ 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx' }}{% endfor %}{% endfor %}",
+            "more than 16 MB",
+        ),
+    ];
+    for (i, (source, what)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("t{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        tok.inner.save(dir.join("tokenizer.json"), false).unwrap();
+        std::fs::write(dir.join("chat_template.jinja"), source).unwrap();
+        let hostile = Tokenizer::from_hf_dir(&dir).unwrap();
+        let t0 = std::time::Instant::now();
+        let err = rlhf::text::chat_template::render_chat(&hostile, &user("hi"), true).unwrap_err();
+        let msg = rlhf::io::one_line_error(&err);
+        assert!(
+            t0.elapsed().as_secs_f64() < 3.0,
+            "{what}: took {:?}",
+            t0.elapsed()
+        );
+        assert!(msg.contains(what), "{msg}");
+        assert!(msg.contains("chat_template.jinja"), "{msg}");
+    }
+}

@@ -58,6 +58,8 @@ pub fn start_training(
     inputs: &[&str],
 ) -> Result<(TrainConfig, OutputDir)> {
     let train: TrainConfig = settings.section()?;
+    // Ctrl-C and SIGTERM from here on end the run after a step, with a checkpoint.
+    crate::train::interrupt::watch()?;
     train
         .validate()
         .with_context(|| settings.origin().to_string())?;

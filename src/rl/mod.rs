@@ -207,6 +207,8 @@ struct Looping<'a> {
     pb: ProgressBar,
     window: Window,
     last_metrics: Vec<(String, f64)>,
+    /// The iteration of the last checkpoint written.
+    saved_at: Option<u64>,
 }
 
 /// What phase 3 did: the update metrics (means over the applied updates), how many updates
@@ -225,6 +227,9 @@ pub fn run(
 ) -> Result<Outcome> {
     let mut lp = Looping::start(cfg, models, objective, &run)?;
     while lp.state.step < cfg.iterations {
+        if let Some(signal) = crate::train::interrupt::pending_anywhere() {
+            return Err(lp.stop(objective, signal));
+        }
         let t_start = Instant::now();
         let rollout = lp.collect(objective, &mut run)?;
         let t_train = Instant::now();
@@ -320,6 +325,7 @@ impl<'a> Looping<'a> {
             state,
             window: Window::default(),
             last_metrics: vec![],
+            saved_at: None,
         })
     }
 
@@ -569,23 +575,54 @@ impl<'a> Looping<'a> {
         }
         let save = self.train.save_steps as u64;
         if main && save > 0 && (step.is_multiple_of(save) || last) {
-            self.state.extra = serde_json::json!({
-                "optimizer_steps": self.optimizer.updates(),
-                "objective": objective.state(),
-            });
-            let extra: Vec<(String, Tensor)> = match &self.ema {
-                Some(e) => self
-                    .policy_params
-                    .iter()
-                    .zip(&e.values)
-                    .map(|((n, _), t)| (format!("ema.{n}"), t.clone()))
-                    .collect(),
-                None => vec![],
-            };
-            let keep = self.train.save_total_limit;
-            save_checkpoint(&self.out, &self.optimizer, &self.state, keep, &extra)?;
+            self.save(objective)?;
         }
         Ok(())
+    }
+
+    /// Writes the checkpoint of the iterations done so far (rank 0): weights, moments, the
+    /// objective's state and the EMA.
+    fn save(&mut self, objective: &dyn Objective) -> Result<PathBuf> {
+        self.state.extra = serde_json::json!({
+            "optimizer_steps": self.optimizer.updates(),
+            "objective": objective.state(),
+        });
+        let extra: Vec<(String, Tensor)> = match &self.ema {
+            Some(e) => self
+                .policy_params
+                .iter()
+                .zip(&e.values)
+                .map(|((n, _), t)| (format!("ema.{n}"), t.clone()))
+                .collect(),
+            None => vec![],
+        };
+        let keep = self.train.save_total_limit;
+        let path = save_checkpoint(&self.out, &self.optimizer, &self.state, keep, &extra)?;
+        self.saved_at = Some(self.state.step);
+        Ok(path)
+    }
+
+    /// After SIGINT/SIGTERM (on any rank): a checkpoint of the iterations done, then the error
+    /// that ends the run with 128 + the signal.
+    fn stop(&mut self, objective: &dyn Objective, signal: i32) -> anyhow::Error {
+        self.pb.abandon();
+        let step = self.state.step;
+        let checkpoint = if step == 0 || !crate::dist::world().is_main() {
+            None
+        } else if self.saved_at == Some(step) {
+            crate::train::state::latest_checkpoint(&self.out)
+        } else {
+            match self.save(objective) {
+                Ok(p) => Some(p),
+                Err(e) => return e,
+            }
+        };
+        crate::train::interrupt::Interrupted {
+            signal,
+            step,
+            checkpoint,
+        }
+        .into()
     }
 
     /// The end of the run: the saved policy is the EMA of its weights when asked for.

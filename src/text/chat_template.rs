@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, Error, ErrorKind, Output, State, UndefinedBehavior};
@@ -61,6 +61,8 @@ impl ChatTemplate {
             .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
         env.set_syntax(syntax);
         env.set_debug(false);
+        // A budget: a template from a downloaded model must not run (or print) without end.
+        env.set_fuel(Some(FUEL));
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         env.set_auto_escape_callback(|_| AutoEscape::None);
         minijinja_contrib::add_to_environment(&mut env);
@@ -122,15 +124,50 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
-        template
-            .render(json_to_value(&Json::Object(vars)))
-            .map_err(|e| {
-                if is_raised(&e) {
-                    anyhow!("chat template raised an error: {}", describe(&e))
-                } else {
-                    anyhow!("chat template failed to render: {}", describe(&e))
-                }
-            })
+        let mut out = Capped(Vec::new());
+        let rendered = template.render_captured_to(json_to_value(&Json::Object(vars)), &mut out);
+        if let Err(e) = rendered {
+            return Err(if out.0.len() >= MAX_OUTPUT {
+                anyhow!(
+                    "chat template printed more than {} MB for one conversation; refusing it",
+                    MAX_OUTPUT >> 20
+                )
+            } else if e.kind() == ErrorKind::OutOfFuel {
+                anyhow!(
+                    "chat template ran past its budget of {FUEL} instructions for one conversation (a loop without end?); refusing it"
+                )
+            } else if is_raised(&e) {
+                anyhow!("chat template raised an error: {}", describe(&e))
+            } else {
+                anyhow!("chat template failed to render: {}", describe(&e))
+            });
+        }
+        String::from_utf8(out.0).map_err(|_| anyhow!("chat template printed invalid UTF-8"))
+    }
+}
+
+/// Instructions one rendering may take: real templates need thousands per message; a template
+/// that loops without end stops in a fraction of a second.
+const FUEL: u64 = 20_000_000;
+
+/// Bytes one rendering may print.
+const MAX_OUTPUT: usize = 16 << 20;
+
+/// The rendered text, refusing to grow past `MAX_OUTPUT`.
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_OUTPUT {
+            self.0.resize(MAX_OUTPUT, 0);
+            return Err(std::io::Error::other("chat template output too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -178,7 +215,9 @@ pub fn render_chat(
             extra.insert(name.to_string(), Json::String(v));
         }
     }
-    template.render_with(messages, add_generation_prompt, &extra)
+    template
+        .render_with(messages, add_generation_prompt, &extra)
+        .with_context(|| tok.chat_template_origin.clone())
 }
 
 /// Compiling a template takes far longer than rendering one; data preparation renders thousands

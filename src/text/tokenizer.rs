@@ -26,6 +26,8 @@ pub struct Tokenizer {
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
     pub chat_template: Option<String>,
+    /// Where the chat template came from, for messages.
+    pub chat_template_origin: String,
     /// tokenizer_config.json as found (or synthesised), written back on save.
     pub config: Value,
 }
@@ -76,12 +78,14 @@ impl Tokenizer {
             json!({})
         };
         let mut chat_template = template_from_config(config.get("chat_template"));
+        let mut chat_template_origin = cfg_path.display().to_string();
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
             chat_template = Some(
                 std::fs::read_to_string(&jinja)
                     .with_context(|| format!("cannot read {}", jinja.display()))?,
             );
+            chat_template_origin = jinja.display().to_string();
         }
         Ok(Tokenizer {
             inner,
@@ -89,6 +93,7 @@ impl Tokenizer {
             eos_token: special_str(config.get("eos_token")),
             pad_token: special_str(config.get("pad_token")),
             chat_template,
+            chat_template_origin,
             config,
         })
     }
@@ -219,6 +224,7 @@ impl Tokenizer {
             eos_token,
             pad_token,
             chat_template,
+            chat_template_origin: "the GGUF metadata's tokenizer.chat_template".into(),
             config,
         })
     }

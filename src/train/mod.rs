@@ -4,6 +4,7 @@
 
 pub mod arguments;
 pub mod fingerprint;
+pub mod interrupt;
 pub mod lm_loss;
 pub mod metrics;
 pub mod optim;

@@ -83,7 +83,9 @@ fn save_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Writes `checkpoints/step-N` atomically and prunes all but the newest `keep`.
+/// Writes `checkpoints/step-N` atomically and prunes all but the newest `keep`: the files are
+/// written into a staging directory, flushed to the disk, and renamed into place; on any error
+/// (a full disk) the staging directory is removed and the previous checkpoints stay as they were.
 pub fn save_checkpoint(
     output_dir: &Path,
     optimizer: &Optimizer,
@@ -98,8 +100,38 @@ pub fn save_checkpoint(
     if staging.exists() {
         std::fs::remove_dir_all(&staging).ok();
     }
-    std::fs::create_dir(&staging)
-        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let written = write_checkpoint_files(&staging, optimizer, state, extra);
+    if let Err(e) = written {
+        std::fs::remove_dir_all(&staging).ok();
+        return Err(e.context(format!(
+            "checkpoint of step {} not written; the earlier checkpoints in {} are intact",
+            state.step,
+            dir.display()
+        )));
+    }
+    if final_path.exists() {
+        std::fs::remove_dir_all(&final_path).ok();
+    }
+    std::fs::rename(&staging, &final_path)
+        .with_context(|| format!("cannot move checkpoint into {}", final_path.display()))?;
+    sync_dir(&dir)?;
+    let all = list_checkpoints(output_dir);
+    if keep > 0 && all.len() > keep {
+        for (_, old) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(old).ok();
+        }
+    }
+    Ok(final_path)
+}
+
+/// The checkpoint's files in `staging`, each flushed to the disk (and the directory itself).
+fn write_checkpoint_files(
+    staging: &Path,
+    optimizer: &Optimizer,
+    state: &TrainerState,
+    extra: &[(String, Tensor)],
+) -> Result<()> {
+    std::fs::create_dir(staging).with_context(|| format!("cannot create {}", staging.display()))?;
     let params = optimizer.params();
     let weights: Vec<(String, Tensor)> = params
         .iter()
@@ -117,18 +149,20 @@ pub fn save_checkpoint(
         &staging.join("trainer_state.json"),
         &serde_json::to_value(state)?,
     )?;
-    if final_path.exists() {
-        std::fs::remove_dir_all(&final_path).ok();
+    for entry in std::fs::read_dir(staging)? {
+        let path = entry?.path();
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot flush {} to the disk", path.display()))?;
     }
-    std::fs::rename(&staging, &final_path)
-        .with_context(|| format!("cannot move checkpoint into {}", final_path.display()))?;
-    let all = list_checkpoints(output_dir);
-    if keep > 0 && all.len() > keep {
-        for (_, old) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(old).ok();
-        }
-    }
-    Ok(final_path)
+    sync_dir(staging)
+}
+
+/// Flushes a directory's entries (a rename into it) to the disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("cannot flush {} to the disk", dir.display()))
 }
 
 /// Restores weights and optimizer moments in place; returns the trainer state.

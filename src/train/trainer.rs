@@ -12,8 +12,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::arguments::TrainConfig;
+use super::interrupt;
 use super::metrics::{add_into, format_line, MetricsLogger, Window};
-use super::state::{latest_checkpoint, load_checkpoint, save_checkpoint, Layout, TrainerState};
+use super::state::{
+    latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, Layout, TrainerState,
+};
 use super::step::{Optimizer, StepOutcome};
 use crate::model::CausalLm;
 
@@ -119,10 +122,37 @@ fn main_start_state(
     layout: Layout,
 ) -> Result<(TrainerState, Option<std::path::PathBuf>)> {
     let fresh = TrainerState::fresh(fingerprint);
-    let Some(ck) = latest_checkpoint(out).filter(|_| resume) else {
-        return Ok((fresh, None));
+    let checkpoints = if resume {
+        list_checkpoints(out)
+    } else {
+        vec![]
     };
-    let loaded = load_checkpoint(&ck, optimizer)?;
+    if checkpoints.is_empty() {
+        return Ok((fresh, None));
+    }
+    // The newest checkpoint that loads: a damaged one (a disk that lost the last writes) is
+    // passed over, saying so, for the one before it.
+    let mut found = None;
+    for (_, ck) in checkpoints.iter().rev() {
+        match load_checkpoint(ck, optimizer) {
+            Ok(state) => {
+                found = Some((state, ck.clone()));
+                break;
+            }
+            Err(e) => eprintln!(
+                "note: cannot resume from {} ({}); trying the checkpoint before it",
+                ck.display(),
+                crate::io::one_line_error(&e)
+            ),
+        }
+    }
+    let Some((loaded, ck)) = found else {
+        bail!(
+            "{}: none of the {} checkpoints could be read (see the notes above); start again with --overwrite",
+            out.display(),
+            checkpoints.len()
+        );
+    };
     if !crate::train::fingerprint::is_current(&loaded.fingerprint) {
         bail!(
             "{}: checkpoint was written by an older rlhf (fingerprint format before {}); resume it with that version, or start again with --overwrite",
@@ -220,7 +250,29 @@ pub fn train(
             pb.suspend(|| eprintln!("step 0/{total} {}", format_line(&ev)));
         }
     }
+    let mut saved_at = None;
     while state.step < total {
+        if let Some(signal) = interrupt::pending_anywhere() {
+            pb.abandon();
+            let checkpoint = match (state.step > 0 && main, saved_at == Some(state.step)) {
+                (false, _) => None,
+                (true, true) => latest_checkpoint(out),
+                (true, false) => Some(save_checkpoint(
+                    out,
+                    &optimizer,
+                    &state,
+                    cfg.save_total_limit,
+                    &[],
+                )?),
+            };
+            let step = state.step;
+            return Err(interrupt::Interrupted {
+                signal,
+                step,
+                checkpoint,
+            }
+            .into());
+        }
         let step = state.step;
         // 1. Gradients of this rank's share of the step's micro-batches.
         let examples = step_examples(n, per_step, cfg.seed, step);
@@ -303,6 +355,7 @@ pub fn train(
         if main && cfg.save_steps > 0 && (state.step.is_multiple_of(cfg.save_steps as u64) || last)
         {
             save_checkpoint(out, &optimizer, &state, cfg.save_total_limit, &[])?;
+            saved_at = Some(state.step);
         }
     }
     pb.finish_and_clear();
