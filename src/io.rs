@@ -118,3 +118,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", path.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
+
+/// Refuses a path that is not a regular file (a directory, a FIFO that would block the read
+/// forever, a device), naming it.
+pub fn require_regular_file(path: &Path) -> Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (a FIFO or a device?)"
+        };
+        bail!("{} is {what}; expected a file", path.display());
+    }
+    Ok(())
+}
+
+/// Runs `f`, turning a panic inside it (in a dependency, on input it did not expect) into None,
+/// without the panic's message on stderr.
+pub fn without_panics<T>(f: impl FnOnce() -> T) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
+    std::panic::set_hook(hook);
+    out
+}

@@ -17,6 +17,7 @@ mod fused_ops;
 mod generate;
 mod grad;
 mod grpo;
+mod hostile_inputs;
 mod interruption;
 mod lora;
 mod metrics;

@@ -10,6 +10,9 @@ use serde_json::Value;
 use std::io::BufRead;
 use std::path::Path;
 
+/// The longest JSONL record read (one line).
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+
 /// One JSON object per non-empty line. Errors name `file:line` and what was expected.
 pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
     let file =
@@ -23,10 +26,25 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
                 i + 1
             )
         })?;
+        if line.len() > MAX_RECORD_BYTES {
+            bail!(
+                "{}:{}: a record of {} MB; records are limited to {} MB (split the text, or it would take far more memory once tokenized)",
+                path.display(),
+                i + 1,
+                line.len() >> 20,
+                MAX_RECORD_BYTES >> 20
+            );
+        }
+        // A byte-order mark some editors put before the first line is not part of the record.
+        let line = if i == 0 {
+            line.strip_prefix('\u{feff}').unwrap_or(&line)
+        } else {
+            &line
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(&line).with_context(|| {
+        let v: Value = serde_json::from_str(line).with_context(|| {
             format!(
                 "{}:{}: expected one JSON object per line",
                 path.display(),
@@ -120,6 +138,7 @@ pub fn split_eval(records: Records, fraction: f64, seed: u64) -> (Records, Recor
 
 /// Records of a JSONL or Parquet file (by extension), each with its line or row number.
 pub fn read_records(path: &Path) -> Result<Vec<(usize, Value)>> {
+    crate::io::require_regular_file(path)?;
     match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl") | Some("json") => read_jsonl(path),
         Some("parquet") => parquet::read_parquet(path),

@@ -19,10 +19,42 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
+        crate::io::require_regular_file(path)?;
         let mut f =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let content = Content::read(&mut f)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+        let file_len = f.metadata()?.len();
+        // candle's reader panics on a few hostile headers (a zero `general.alignment`): contain it.
+        let read = crate::io::without_panics(|| Content::read(&mut f)).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: not a valid GGUF file (its header is impossible, e.g. a zero alignment)",
+                path.display()
+            )
+        })?;
+        let content =
+            read.map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+        // Every tensor must lie inside the file before anything is allocated for it.
+        for (name, info) in &content.tensor_infos {
+            let dtype = info.ggml_dtype;
+            let bytes = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .and_then(|n| (n / dtype.block_size()).checked_mul(dtype.type_size()));
+            let end = bytes.and_then(|b| {
+                content
+                    .tensor_data_offset
+                    .checked_add(info.offset)?
+                    .checked_add(b as u64)
+            });
+            if end.is_none_or(|e| e > file_len) {
+                bail!(
+                    "{}: tensor `{name}` (shape {:?}, {dtype:?}) does not fit in the file ({file_len} bytes)",
+                    path.display(),
+                    info.shape.dims()
+                );
+            }
+        }
         let arch = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
             _ => bail!(
@@ -90,7 +122,7 @@ impl GgufFile {
             "num_attention_heads": heads,
             "num_hidden_layers": self.arch_u64("block_count")?,
             "num_key_value_heads": self.meta_u64(&format!("{a}.attention.head_count_kv")).unwrap_or(heads),
-            "head_dim": self.meta_u64(&format!("{a}.attention.key_length")).unwrap_or(hidden / heads),
+            "head_dim": self.meta_u64(&format!("{a}.attention.key_length")).unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
             "max_position_embeddings": self.meta_u64(&format!("{a}.context_length")).unwrap_or(2048),
             "rms_norm_eps": self.meta_f64(&format!("{a}.attention.layer_norm_rms_epsilon")).unwrap_or(1e-6),
             "rope_theta": self.meta_f64(&format!("{a}.rope.freq_base")).unwrap_or(10000.0),

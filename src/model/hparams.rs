@@ -142,6 +142,35 @@ pub fn token_id_list(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// The largest value a size in a model's config may have: the largest open models stay far
+/// inside these, and a file from a stranger cannot make us allocate without bound.
+const SIZE_LIMITS: &[(&str, u64)] = &[
+    ("num_hidden_layers", 1 << 10),
+    ("n_layer", 1 << 10),
+    ("num_attention_heads", 1 << 10),
+    ("n_head", 1 << 10),
+    ("num_key_value_heads", 1 << 10),
+    ("hidden_size", 1 << 17),
+    ("n_embd", 1 << 17),
+    ("intermediate_size", 1 << 20),
+    ("n_inner", 1 << 20),
+    ("head_dim", 1 << 13),
+    ("vocab_size", 1 << 23),
+    ("max_position_embeddings", 1 << 24),
+    ("n_positions", 1 << 24),
+    ("sliding_window", 1 << 24),
+];
+
+fn check_size(key: &str, value: u64) -> Result<()> {
+    let Some((_, limit)) = SIZE_LIMITS.iter().find(|(k, _)| *k == key) else {
+        return Ok(());
+    };
+    if value > *limit {
+        bail!("{key} = {value} is beyond any real model (at most {limit}); refusing the config");
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// A transformers `*ForSequenceClassification` checkpoint (a reward model): no LM head.
     pub fn is_sequence_classifier(&self) -> bool {
@@ -190,6 +219,12 @@ impl ModelConfig {
     }
 
     pub fn from_json(raw: Value) -> Result<Self> {
+        // Before anything is built (or allocated) from them.
+        for (key, _) in SIZE_LIMITS {
+            if let Some(v) = raw.get(*key).and_then(Value::as_u64) {
+                check_size(key, v)?;
+            }
+        }
         let model_type = raw
             .get("model_type")
             .and_then(Value::as_str)
@@ -435,6 +470,29 @@ impl ModelConfig {
         }
         if self.vocab_size == 0 || self.hidden_size == 0 {
             bail!("vocab_size and hidden_size must be positive");
+        }
+        for (key, value) in [
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            check_size(key, value as u64)?;
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            bail!(
+                "the norm epsilon must be finite and ≥ 0, got {}",
+                self.norm_eps
+            );
+        }
+        if self.family == Family::Llama && !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "rope_theta must be finite and positive, got {}",
+                self.rope_theta
+            );
         }
         Ok(())
     }

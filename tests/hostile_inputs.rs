@@ -1,0 +1,201 @@
+//! Files from strangers: every size read from a model file is bounded before anything is
+//! allocated, a header that would crash a reader is an error, and data that is not a file, or a
+//! record too large to tokenize, is refused naming the file (and line) — one line, non-zero exit,
+//! within seconds.
+
+use crate::common::*;
+use candle_core::quantized::gguf_file::{self, Value};
+use std::path::Path;
+use std::time::Instant;
+
+/// `rlhf logprobs` on `model`: must fail in one line containing `want`.
+fn refused(model: &Path, want: &str) {
+    let t0 = Instant::now();
+    let out = run_rlhf(&[
+        "logprobs",
+        "--model",
+        model.to_str().unwrap(),
+        "--text",
+        "a b",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}: accepted", model.display());
+    assert!(err.contains(want), "{}: {err}", model.display());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
+}
+
+/// The fixture GGUF written again with metadata `key` set to `value`.
+fn gguf_with(dir: &Path, name: &str, key: &str, value: Value) -> std::path::PathBuf {
+    let src = fixture("models/llama-gguf/model.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut meta: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .filter(|(k, _)| *k != key)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    meta.push((key.to_string(), value));
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|n| {
+            (
+                n.clone(),
+                content
+                    .tensor(&mut f, n, &candle_core::Device::Cpu)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let path = dir.join(name);
+    let mut out = std::fs::File::create(&path).unwrap();
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    path
+}
+
+#[test]
+fn crafted_gguf_headers_are_errors_not_crashes_or_allocation_bombs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // The unmodified rewrite loads (so the cases below fail for their one change).
+    let same = gguf_with(d, "same.gguf", "general.name", Value::String("x".into()));
+    assert_ok(&run_rlhf(&[
+        "logprobs",
+        "--model",
+        same.to_str().unwrap(),
+        "--text",
+        "a b",
+    ]));
+    refused(
+        &gguf_with(d, "align0.gguf", "general.alignment", Value::U32(0)),
+        "not a valid GGUF",
+    );
+    refused(
+        &gguf_with(
+            d,
+            "heads0.gguf",
+            "llama.attention.head_count",
+            Value::U32(0),
+        ),
+        "must be",
+    );
+    refused(
+        &gguf_with(
+            d,
+            "layers.gguf",
+            "llama.block_count",
+            Value::U64(1_000_000_000),
+        ),
+        "beyond any real model",
+    );
+    refused(
+        &gguf_with(d, "theta.gguf", "llama.rope.freq_base", Value::F32(0.0)),
+        "rope_theta",
+    );
+    // Cut short: the tensors' declared sizes no longer fit.
+    let bytes = std::fs::read(&same).unwrap();
+    let cut = d.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    refused(&cut, "does not fit in the file");
+}
+
+#[test]
+fn crafted_config_json_sizes_and_constants_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = std::path::PathBuf::from(model_path("llama-tied"));
+    for (i, (key, value, want)) in [
+        (
+            "num_hidden_layers",
+            serde_json::json!(1u64 << 62),
+            "beyond any real model",
+        ),
+        (
+            "vocab_size",
+            serde_json::json!(1u64 << 40),
+            "beyond any real model",
+        ),
+        ("rope_theta", serde_json::json!(-1.0), "rope_theta"),
+        ("rms_norm_eps", serde_json::json!(-1e-6), "epsilon"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tmp.path().join(format!("m{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in std::fs::read_dir(&src).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+        let cfg_path = dir.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        cfg[key] = value;
+        std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+        refused(&dir, want);
+    }
+}
+
+fn sft_on(train_file: &Path) -> std::process::Output {
+    let tmp = tempfile::tempdir().unwrap();
+    run_with_sets(
+        &["sft"],
+        &[
+            format!("model=\"{}\"", model_path("llama-tied")),
+            format!("train_file=\"{}\"", train_file.display()),
+            format!("output_dir=\"{}\"", tmp.path().join("out").display()),
+            "max_steps=1".into(),
+        ],
+    )
+}
+
+#[test]
+fn data_that_is_not_a_file_or_too_large_a_record_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("fifo.jsonl");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let dir = tmp.path().join("dir.jsonl");
+    std::fs::create_dir(&dir).unwrap();
+    let big = tmp.path().join("big.jsonl");
+    let text = "word ".repeat(4 << 20);
+    std::fs::write(
+        &big,
+        format!("{{\"prompt\": \"a\", \"completion\": \"b\"}}\n{{\"prompt\": \"a\", \"completion\": \"{text}\"}}\n"),
+    )
+    .unwrap();
+    for (path, want) in [
+        (&fifo, "not a regular file"),
+        (&dir, "is a directory"),
+        (&big, "big.jsonl:2: a record of 20 MB"),
+    ] {
+        let t0 = Instant::now();
+        let out = sft_on(path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{err}");
+        assert_eq!(
+            err.trim()
+                .lines()
+                .filter(|l| l.starts_with("error"))
+                .count(),
+            1,
+            "{err}"
+        );
+        assert!(t0.elapsed().as_secs() < 20);
+    }
+    // A byte-order mark before the first record is not an error.
+    let bom = tmp.path().join("bom.jsonl");
+    std::fs::write(
+        &bom,
+        "\u{feff}{\"prompt\": \"a\", \"completion\": \" b c\"}\n",
+    )
+    .unwrap();
+    assert_ok(&sft_on(&bom));
+}
