@@ -215,3 +215,86 @@ fn a_full_disk_during_a_checkpoint_keeps_the_earlier_one_and_stops_clearly() {
     candle_core::safetensors::load(&ck, &candle_core::Device::Cpu).unwrap();
     drop(disk);
 }
+
+/// The RL loop (GRPO) and DPO take the same path as SFT: interrupted, then resumed, they end
+/// with the bits of an uninterrupted run.
+#[test]
+fn grpo_and_dpo_stop_on_a_signal_and_resume_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Lcg(42);
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_jsonl(
+        &prompts,
+        &(0..8)
+            .map(|_| json!({"prompt": phrase(&mut rng, 3)}))
+            .collect::<Vec<_>>(),
+    );
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_jsonl(
+        &pairs,
+        &(0..8)
+            .map(|_| {
+                let c = phrase(&mut rng, 3);
+                json!({"prompt": phrase(&mut rng, 3), "chosen": format!(" {c}"), "rejected": format!(" {} {c}", phrase(&mut rng, 2))})
+            })
+            .collect::<Vec<_>>(),
+    );
+    let model = format!("model=\"{}\"", model_path("llama-tied"));
+    let runs: [(&str, Vec<String>); 2] = [
+        (
+            "grpo",
+            vec![
+                model.clone(),
+                format!("prompt_file=\"{}\"", prompts.display()),
+                "reward_funcs=[\"rule:ids:100-160\"]".into(),
+                "max_completion_length=4".into(),
+                "num_generations=2".into(),
+                "per_device_train_batch_size=4".into(),
+                "max_steps=200".into(),
+            ],
+        ),
+        (
+            "dpo",
+            vec![
+                model.clone(),
+                format!("train_file=\"{}\"", pairs.display()),
+                "ref_cache_dir=\"\"".into(),
+                "per_device_train_batch_size=2".into(),
+                "max_steps=300".into(),
+            ],
+        ),
+    ];
+    for (command, sets) in runs {
+        let args = |out: &Path| {
+            let mut a = vec![command.to_string()];
+            let all = sets.iter().cloned().chain([
+                format!("output_dir=\"{}\"", out.display()),
+                "logging_steps=1".into(),
+                "save_steps=0".into(),
+            ]);
+            for s in all {
+                a.extend(["--set".to_string(), s]);
+            }
+            a
+        };
+        let full = tmp.path().join(format!("{command}-full"));
+        assert_ok(&rlhf(&args(&full)).output().unwrap());
+        let part = tmp.path().join(format!("{command}-part"));
+        let (status, err) = interrupt(&args(&part), &part, "-INT");
+        assert_eq!(status, Some(130), "{command}: {err}");
+        assert!(
+            !part.join("model.safetensors").exists(),
+            "{command}: it ran to the end"
+        );
+        no_partial_files(&part);
+        let mut again = args(&part);
+        again.insert(1, "--resume".into());
+        assert_ok(&rlhf(&again).output().unwrap());
+        let a = std::fs::read(full.join("model.safetensors")).unwrap();
+        let b = std::fs::read(part.join("model.safetensors")).unwrap();
+        assert!(
+            a == b,
+            "{command}: the resumed run ended with different weights"
+        );
+    }
+}
