@@ -199,3 +199,48 @@ fn data_that_is_not_a_file_or_too_large_a_record_is_refused_naming_it() {
     .unwrap();
     assert_ok(&sft_on(&bom));
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn wrong_types_duplicate_tensors_and_shard_paths_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A number given as a string is an error, not a default.
+    let dir = tmp.path().join("string");
+    copy_dir(Path::new(&model_path("llama-tied")), &dir);
+    let cfg_path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::json!("4096");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    refused(
+        &dir,
+        "`max_position_embeddings` must be a non-negative integer",
+    );
+    // A tensor in two shards: the second copy is not silently taken.
+    let sharded = fixture("models/qwen2-f16-sharded");
+    let dup = tmp.path().join("dup");
+    copy_dir(&sharded, &dup);
+    std::fs::copy(
+        dup.join("model-00001-of-00005.safetensors"),
+        dup.join("model-00002-of-00005.safetensors"),
+    )
+    .unwrap();
+    refused(&dup, "is also in");
+    // A shard named by a path outside the model's directory.
+    let escape = tmp.path().join("escape");
+    copy_dir(&sharded, &escape);
+    let index = escape.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).unwrap().replace(
+        "model-00005-of-00005.safetensors",
+        "../dup/model-00005-of-00005.safetensors",
+    );
+    std::fs::write(&index, text).unwrap();
+    refused(&escape, "is not a file name");
+}

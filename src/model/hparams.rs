@@ -161,6 +161,18 @@ const SIZE_LIMITS: &[(&str, u64)] = &[
     ("sliding_window", 1 << 24),
 ];
 
+/// Real-valued settings of a config that must be numbers when present.
+const FLOAT_KEYS: &[&str] = &[
+    "rope_theta",
+    "rms_norm_eps",
+    "layer_norm_epsilon",
+    "partial_rotary_factor",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "query_pre_attn_scalar",
+    "rope_local_base_freq",
+];
+
 fn check_size(key: &str, value: u64) -> Result<()> {
     let Some((_, limit)) = SIZE_LIMITS.iter().find(|(k, _)| *k == key) else {
         return Ok(());
@@ -219,10 +231,20 @@ impl ModelConfig {
     }
 
     pub fn from_json(raw: Value) -> Result<Self> {
-        // Before anything is built (or allocated) from them.
+        // Before anything is built (or allocated) from them; a value of the wrong type is an
+        // error, not a default.
         for (key, _) in SIZE_LIMITS {
-            if let Some(v) = raw.get(*key).and_then(Value::as_u64) {
-                check_size(key, v)?;
+            match raw.get(*key) {
+                None | Some(Value::Null) => {}
+                Some(v) => match v.as_u64() {
+                    Some(n) => check_size(key, n)?,
+                    None => bail!("`{key}` must be a non-negative integer, got {v}"),
+                },
+            }
+        }
+        for key in FLOAT_KEYS {
+            if let Some(v) = raw.get(*key).filter(|v| !v.is_null() && !v.is_number()) {
+                bail!("`{key}` must be a number, got {v}");
             }
         }
         let model_type = raw

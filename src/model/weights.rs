@@ -107,6 +107,13 @@ pub fn read_safetensors(path: &Path, into: &mut WeightMap) -> Result<()> {
         let t = Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)
             .and_then(|t| t.to_dtype(keep))
             .with_context(|| format!("{}: cannot read tensor `{name}`", path.display()))?;
+        if let Some(earlier) = into.tensors.get(&name) {
+            bail!(
+                "{}: tensor `{name}` is also in {}; a checkpoint holds each tensor once",
+                path.display(),
+                earlier.source.display()
+            );
+        }
         into.insert(name, t, path.to_path_buf());
     }
     Ok(())
@@ -132,6 +139,13 @@ pub fn read_hf_weights(dir: &Path) -> Result<WeightMap> {
         shards.sort();
         shards.dedup();
         for shard in shards {
+            // A shard is a file beside the index, never a path elsewhere.
+            if shard.is_empty() || shard.contains(['/', '\\']) || shard == ".." || shard == "." {
+                bail!(
+                    "{}: shard name {shard:?} is not a file name",
+                    index.display()
+                );
+            }
             let p = dir.join(shard);
             if !p.exists() {
                 bail!("{}: shard {} is missing", index.display(), p.display());
