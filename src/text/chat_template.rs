@@ -124,10 +124,10 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| anyhow!("chat template: {}", describe(&e)))?;
-        let mut out = Capped(Vec::new());
+        let mut out = Capped::default();
         let rendered = template.render_captured_to(json_to_value(&Json::Object(vars)), &mut out);
         if let Err(e) = rendered {
-            return Err(if out.0.len() >= MAX_OUTPUT {
+            return Err(if out.overflowed {
                 anyhow!(
                     "chat template printed more than {} MB for one conversation; refusing it",
                     MAX_OUTPUT >> 20
@@ -142,7 +142,7 @@ impl ChatTemplate {
                 anyhow!("chat template failed to render: {}", describe(&e))
             });
         }
-        String::from_utf8(out.0).map_err(|_| anyhow!("chat template printed invalid UTF-8"))
+        String::from_utf8(out.text).map_err(|_| anyhow!("chat template printed invalid UTF-8"))
     }
 }
 
@@ -154,15 +154,19 @@ const FUEL: u64 = 20_000_000;
 const MAX_OUTPUT: usize = 16 << 20;
 
 /// The rendered text, refusing to grow past `MAX_OUTPUT`.
-struct Capped(Vec<u8>);
+#[derive(Default)]
+struct Capped {
+    text: Vec<u8>,
+    overflowed: bool,
+}
 
 impl std::io::Write for Capped {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + buf.len() > MAX_OUTPUT {
-            self.0.resize(MAX_OUTPUT, 0);
+        if self.text.len() + buf.len() > MAX_OUTPUT {
+            self.overflowed = true;
             return Err(std::io::Error::other("chat template output too large"));
         }
-        self.0.extend_from_slice(buf);
+        self.text.extend_from_slice(buf);
         Ok(buf.len())
     }
 
