@@ -180,14 +180,7 @@ fn data_that_is_not_a_file_or_too_large_a_record_is_refused_naming_it() {
         let out = sft_on(path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want), "{err}");
-        assert_eq!(
-            err.trim()
-                .lines()
-                .filter(|l| l.starts_with("error"))
-                .count(),
-            1,
-            "{err}"
-        );
+        assert_eq!(error_lines(&err), 1, "{err}");
         assert!(t0.elapsed().as_secs() < 20);
     }
     // A byte-order mark before the first record is not an error.

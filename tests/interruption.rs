@@ -201,14 +201,7 @@ fn a_full_disk_during_a_checkpoint_keeps_the_earlier_one_and_stops_clearly() {
         err.contains("checkpoint of step 2 not written") && err.contains("intact"),
         "{err}"
     );
-    assert_eq!(
-        err.trim()
-            .lines()
-            .filter(|l| l.starts_with("error"))
-            .count(),
-        1,
-        "{err}"
-    );
+    assert_eq!(error_lines(&err), 1, "{err}");
     no_partial_files(&out);
     // The checkpoint of step 1 is whole: it loads.
     let ck = out.join("checkpoints/step-00000001/model.safetensors");

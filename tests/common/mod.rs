@@ -112,6 +112,15 @@ impl Lcg {
     }
 }
 
+/// How many lines of a run's stderr are errors (a bad input must give exactly one).
+pub fn error_lines(stderr: &str) -> usize {
+    stderr
+        .trim()
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .count()
+}
+
 /// `n` words of a ten-word vocabulary: text for the tiny fixture models.
 pub fn phrase(rng: &mut Lcg, n: usize) -> String {
     let words = [
