@@ -161,16 +161,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let outcome = train(&train_cfg, &ck.model, &mut task, args.resume, &fp)?;
     save_final(&ck, out.path())?;
-    // The other ranks of a data-parallel run wrote nothing.
-    if crate::dist::world().is_main() {
-        eprintln!(
-            "done: {} steps ({} skipped), {}{:.0} tokens/s; model written to {}",
-            outcome.steps,
-            outcome.skipped_steps,
-            super::metrics_summary(&outcome.eval_metrics),
-            outcome.tokens_per_second,
-            out.path().display()
-        );
-    }
+    super::report_done(format_args!(
+        "done: {} steps ({} skipped), {}{:.0} tokens/s; model written to {}",
+        outcome.steps,
+        outcome.skipped_steps,
+        super::metrics_summary(&outcome.eval_metrics),
+        outcome.tokens_per_second,
+        out.path().display()
+    ));
     Ok(())
 }

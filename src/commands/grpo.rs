@@ -187,15 +187,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let outcome = rl::run(&loop_cfg, &models, &mut Grpo { cfg: grpo }, run_info)?;
     save_final(&policy, out.path())?;
-    // The other ranks of a data-parallel run wrote nothing.
-    if crate::dist::world().is_main() {
-        eprintln!(
-            "done: {} iterations ({} updates skipped); last reward {:.4}; policy written to {}",
-            outcome.iterations,
-            outcome.skipped_updates,
-            outcome.last("reward"),
-            out.path().display()
-        );
-    }
+    super::report_done(format_args!(
+        "done: {} iterations ({} updates skipped); last reward {:.4}; policy written to {}",
+        outcome.iterations,
+        outcome.skipped_updates,
+        outcome.last("reward"),
+        out.path().display()
+    ));
     Ok(())
 }

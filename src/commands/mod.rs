@@ -91,6 +91,14 @@ pub fn start_training(
     Ok((train, out))
 }
 
+/// The closing line of a training command, printed by rank 0 alone (the other ranks of a
+/// data-parallel run wrote nothing).
+pub fn report_done(line: std::fmt::Arguments) {
+    if crate::dist::world().is_main() {
+        eprintln!("{line}");
+    }
+}
+
 /// Whether a run that asks for bf16 gets bf16 matmuls on this CPU; says which on stderr.
 pub fn bf16_pays(requested: bool) -> bool {
     if !requested {

@@ -220,16 +220,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let outcome = rl::run(&loop_cfg, &models, &mut Ppo::new(ppo), run_info)?;
     save_final(&policy, out.path())?;
-    // The other ranks of a data-parallel run wrote nothing.
-    if crate::dist::world().is_main() {
-        eprintln!(
+    super::report_done(format_args!(
         "done: {} iterations ({} updates skipped); last score {:.4}, KL {:.3}; policy written to {}",
         outcome.iterations,
         outcome.skipped_updates,
         outcome.last("objective/scores"),
         outcome.last("objective/kl"),
         out.path().display()
-    );
-    }
+    ));
     Ok(())
 }

@@ -97,9 +97,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         .iter()
         .find(|(k, _)| k == "loss")
         .map(|(_, v)| *v);
-    // The other ranks of a data-parallel run wrote nothing.
-    if crate::dist::world().is_main() {
-        eprintln!(
+    super::report_done(format_args!(
         "done: {} steps ({} skipped), last train loss {}, {}{:.0} tokens/s; model written to {}",
         outcome.steps,
         outcome.skipped_steps,
@@ -107,7 +105,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         super::metrics_summary(&outcome.eval_metrics),
         outcome.tokens_per_second,
         out.path().display()
-    );
-    }
+    ));
     Ok(())
 }

@@ -363,6 +363,20 @@ impl World {
         }
     }
 
+    /// Rank 0's values of an f32 tensor on every rank (weights, moments, an EMA).
+    pub fn broadcast_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        let mut values: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        self.broadcast_f32(&mut values);
+        Ok(candle_core::Tensor::from_vec(
+            values,
+            t.shape(),
+            t.device(),
+        )?)
+    }
+
     /// Refuses to go on unless every rank has the same `value` of `what` (e.g. the digest of its
     /// settings and data), naming the ranks that differ from rank 0.
     pub fn agree(&self, what: &str, value: &str) -> Result<()> {

@@ -303,11 +303,8 @@ impl<'a> Looping<'a> {
         }
         if let Some(e) = ema.as_mut() {
             // Rank 0 read the checkpoint.
-            let world = crate::dist::world();
-            for v in e.values.iter_mut().filter(|_| world.size() > 1) {
-                let mut values: Vec<f32> = v.flatten_all()?.to_vec1()?;
-                world.broadcast_f32(&mut values);
-                *v = Tensor::from_vec(values, v.shape(), v.device())?;
+            for v in &mut e.values {
+                *v = crate::dist::world().broadcast_tensor(v)?;
             }
         }
         let resumed_at = (run.resume && state.step > 0).then_some(state.step);
@@ -606,23 +603,12 @@ impl<'a> Looping<'a> {
     /// that ends the run with 128 + the signal.
     fn stop(&mut self, objective: &dyn Objective, signal: i32) -> anyhow::Error {
         self.pb.abandon();
-        let step = self.state.step;
-        let checkpoint = if step == 0 || !crate::dist::world().is_main() {
-            None
-        } else if self.saved_at == Some(step) {
-            crate::train::state::latest_checkpoint(&self.out)
-        } else {
-            match self.save(objective) {
-                Ok(p) => Some(p),
-                Err(e) => return e,
-            }
-        };
-        crate::train::interrupt::Interrupted {
-            signal,
-            step,
-            checkpoint,
+        let (step, saved_at, out) = (self.state.step, self.saved_at, self.out.clone());
+        let save = || self.save(objective);
+        match crate::train::interrupt::Interrupted::after(signal, step, saved_at, &out, save) {
+            Ok(stop) => stop.into(),
+            Err(e) => e,
         }
-        .into()
     }
 
     /// The end of the run: the saved policy is the EMA of its weights when asked for.

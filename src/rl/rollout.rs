@@ -173,7 +173,7 @@ pub fn collect(
 }
 
 /// One rank's episodes as they travel to the other ranks (per-token values as response slices).
-#[derive(Serialize, Deserialize)]
+#[derive(Default, Serialize, Deserialize)]
 struct Share {
     prompt_index: Vec<usize>,
     sequences: Vec<Vec<u32>>,
@@ -217,9 +217,9 @@ impl Rollout {
             .iter()
             .map(|b| serde_json::from_slice(b))
             .collect::<std::result::Result<_, _>>()?;
-        let n: usize = shares.iter().map(|s| s.scores.len()).sum();
         // Each share's component means, weighted by its episodes.
-        let mut score_components = mine.score_components.clone();
+        let n: usize = shares.iter().map(|s| s.scores.len()).sum();
+        let mut score_components = mine.score_components;
         for (i, (_, mean)) in score_components.iter_mut().enumerate() {
             *mean = shares
                 .iter()
@@ -227,25 +227,35 @@ impl Rollout {
                 .sum::<f64>()
                 / n.max(1) as f64;
         }
-        let cat = |f: &dyn Fn(&Share) -> Option<Vec<Vec<f32>>>| -> Option<Vec<Vec<f32>>> {
-            shares
-                .iter()
-                .map(f)
-                .collect::<Option<Vec<_>>>()
-                .map(|v| v.concat())
-        };
-        let old = cat(&|s| Some(s.old_logp.clone())).unwrap_or_default();
-        let reference = cat(&|s| s.ref_logp.clone());
-        let values = cat(&|s| s.values.clone());
-        let mut all = Rollout {
-            prompt_index: shares.iter().flat_map(|s| s.prompt_index.clone()).collect(),
-            sequences: shares.iter().flat_map(|s| s.sequences.clone()).collect(),
-            prompt_lens: shares.iter().flat_map(|s| s.prompt_lens.clone()).collect(),
-            texts: shares.iter().flat_map(|s| s.texts.clone()).collect(),
-            stopped: shares.iter().flat_map(|s| s.stopped.clone()).collect(),
-            entropies: shares.iter().flat_map(|s| s.entropies.clone()).collect(),
-            scores: shares.iter().flat_map(|s| s.scores.clone()).collect(),
+        let mut all = Share {
             score_components,
+            ..Share::default()
+        };
+        for s in shares {
+            all.prompt_index.extend(s.prompt_index);
+            all.sequences.extend(s.sequences);
+            all.prompt_lens.extend(s.prompt_lens);
+            all.texts.extend(s.texts);
+            all.stopped.extend(s.stopped);
+            all.entropies.extend(s.entropies);
+            all.scores.extend(s.scores);
+            all.old_logp.extend(s.old_logp);
+            if let Some(r) = s.ref_logp {
+                all.ref_logp.get_or_insert_default().extend(r);
+            }
+            if let Some(v) = s.values {
+                all.values.get_or_insert_default().extend(v);
+            }
+        }
+        let mut rollout = Rollout {
+            prompt_index: all.prompt_index,
+            sequences: all.sequences,
+            prompt_lens: all.prompt_lens,
+            texts: all.texts,
+            stopped: all.stopped,
+            entropies: all.entropies,
+            scores: all.scores,
+            score_components: all.score_components,
             mask: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
             old_logp: Tensor::zeros((0, 0), DType::F32, &Device::Cpu)?,
             ref_logp: None,
@@ -254,12 +264,12 @@ impl Rollout {
             scoring_secs: self.scoring_secs,
             passes_secs: self.passes_secs,
         };
-        let ones: Vec<Vec<f32>> = old.iter().map(|r| vec![1.0; r.len()]).collect();
-        all.mask = all.padded(&ones)?;
-        all.old_logp = all.padded(&old)?;
-        all.ref_logp = reference.map(|r| all.padded(&r)).transpose()?;
-        all.values = values.map(|v| all.padded(&v)).transpose()?;
-        Ok(all)
+        let ones: Vec<Vec<f32>> = all.old_logp.iter().map(|r| vec![1.0; r.len()]).collect();
+        rollout.mask = rollout.padded(&ones)?;
+        rollout.old_logp = rollout.padded(&all.old_logp)?;
+        rollout.ref_logp = all.ref_logp.map(|r| rollout.padded(&r)).transpose()?;
+        rollout.values = all.values.map(|v| rollout.padded(&v)).transpose()?;
+        Ok(rollout)
     }
 
     pub fn len(&self) -> usize {

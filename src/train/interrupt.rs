@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -56,6 +56,30 @@ pub struct Interrupted {
 }
 
 impl Interrupted {
+    /// A run stopped by `signal` after `step` steps. Rank 0 keeps a checkpoint of that step: the
+    /// one written at it (`saved_at`), else a new one from `save`; the other ranks, and a run
+    /// that did no step, keep none.
+    pub fn after(
+        signal: i32,
+        step: u64,
+        saved_at: Option<u64>,
+        out: &Path,
+        save: impl FnOnce() -> Result<PathBuf>,
+    ) -> Result<Interrupted> {
+        let checkpoint = if step == 0 || !crate::dist::world().is_main() {
+            None
+        } else if saved_at == Some(step) {
+            crate::train::state::latest_checkpoint(out)
+        } else {
+            Some(save()?)
+        };
+        Ok(Interrupted {
+            signal,
+            step,
+            checkpoint,
+        })
+    }
+
     /// The process's exit status: 128 + the signal.
     pub fn exit_code(&self) -> i32 {
         128 + self.signal

@@ -95,9 +95,7 @@ impl Optimizer {
     pub fn broadcast_from_main(&mut self) -> Result<()> {
         let world = crate::dist::world();
         for (_, var) in &self.params {
-            let mut values: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
-            world.broadcast_f32(&mut values);
-            var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
+            var.set(&world.broadcast_tensor(var.as_tensor())?)?;
         }
         for moments in self.adamw.moments_mut() {
             world.broadcast_f32(moments);

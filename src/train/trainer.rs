@@ -14,9 +14,7 @@ use std::time::Instant;
 use super::arguments::TrainConfig;
 use super::interrupt;
 use super::metrics::{add_into, format_line, MetricsLogger, Window};
-use super::state::{
-    latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, Layout, TrainerState,
-};
+use super::state::{list_checkpoints, load_checkpoint, save_checkpoint, Layout, TrainerState};
 use super::step::{Optimizer, StepOutcome};
 use crate::model::CausalLm;
 
@@ -254,24 +252,10 @@ pub fn train(
     while state.step < total {
         if let Some(signal) = interrupt::pending_anywhere() {
             pb.abandon();
-            let checkpoint = match (state.step > 0 && main, saved_at == Some(state.step)) {
-                (false, _) => None,
-                (true, true) => latest_checkpoint(out),
-                (true, false) => Some(save_checkpoint(
-                    out,
-                    &optimizer,
-                    &state,
-                    cfg.save_total_limit,
-                    &[],
-                )?),
-            };
-            let step = state.step;
-            return Err(interrupt::Interrupted {
-                signal,
-                step,
-                checkpoint,
-            }
-            .into());
+            let save = || save_checkpoint(out, &optimizer, &state, cfg.save_total_limit, &[]);
+            return Err(
+                interrupt::Interrupted::after(signal, state.step, saved_at, out, save)?.into(),
+            );
         }
         let step = state.step;
         // 1. Gradients of this rank's share of the step's micro-batches.
