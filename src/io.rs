@@ -85,19 +85,45 @@ impl Drop for StagedDir {
     }
 }
 
-/// An error and its causes on one line, outermost first. Only the first line of each is kept:
-/// candle appends a backtrace to its messages when RUST_BACKTRACE is set.
+/// Longer than this, a part of an error line is cut: messages quote names and values from the
+/// files they are about, which a hostile file can make as long as it likes.
+const MAX_ERROR_PART_CHARS: usize = 300;
+
+/// An error and its causes on one line, outermost first. Only the first line of each is kept
+/// (candle appends a backtrace to its messages when RUST_BACKTRACE is set), each is cut at
+/// [`MAX_ERROR_PART_CHARS`], and control characters from a file are shown escaped, never sent
+/// to the terminal.
 pub fn one_line_error(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        let first = text.lines().next().unwrap_or("").trim().to_string();
+        let first = printable(text.lines().next().unwrap_or("").trim());
         // Contexts often repeat their cause's text; keep each piece once.
         if !first.is_empty() && !parts.iter().any(|p| p.contains(&first)) {
             parts.push(first);
         }
     }
     parts.join(": ")
+}
+
+/// `text` with control characters escaped (`\u{1b}`), cut at [`MAX_ERROR_PART_CHARS`].
+fn printable(text: &str) -> String {
+    let mut out = String::new();
+    let mut shown = 0;
+    for c in text.chars() {
+        let piece: Vec<char> = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            vec![c]
+        };
+        if shown + piece.len() > MAX_ERROR_PART_CHARS {
+            out.push('…');
+            break;
+        }
+        shown += piece.len();
+        out.extend(piece);
+    }
+    out
 }
 
 /// `~/x` → `$HOME/x` (config files are not seen by a shell).
@@ -115,8 +141,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.partial", name.to_string_lossy()));
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", path.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // A full disk or a read-only directory leaves nothing behind.
+        std::fs::remove_file(&tmp).ok();
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Refuses a path that is not a regular file (a directory, a FIFO that would block the read
@@ -143,4 +173,35 @@ pub fn without_panics<T>(f: impl FnOnce() -> T) -> Option<T> {
     let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
     std::panic::set_hook(hook);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_lines_are_one_short_printable_line() {
+        let inner = anyhow::anyhow!("tensor '{}\x1b[2J' is bad\nbacktrace", "x".repeat(5000));
+        let e = inner.context("model.gguf: not a valid GGUF file");
+        let line = one_line_error(&e);
+        assert!(
+            line.starts_with("model.gguf: not a valid GGUF file: tensor 'xxx"),
+            "{line}"
+        );
+        assert!(!line.contains('\n') && !line.contains('\x1b'));
+        assert!(
+            line.chars().count() <= 2 * MAX_ERROR_PART_CHARS + 3,
+            "{}",
+            line.len()
+        );
+        assert!(line.ends_with('…'));
+        let e = anyhow::anyhow!("bell \x07 here");
+        assert_eq!(one_line_error(&e), "bell \\u{7} here");
+        let escaped = one_line_error(&anyhow::anyhow!("{}", "\x15".repeat(400)));
+        assert_eq!(
+            escaped.chars().count(),
+            MAX_ERROR_PART_CHARS + 1,
+            "{escaped}"
+        );
+    }
 }

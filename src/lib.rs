@@ -7,6 +7,8 @@ pub mod commands;
 pub mod data;
 pub mod dist;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzzing; // the fuzz targets' bodies (fuzz/, tests/fuzz_corpus.rs)
 pub mod generate;
 pub mod io;
 pub mod model;

@@ -291,3 +291,227 @@ fn grpo_and_dpo_stop_on_a_signal_and_resume_bit_identical() {
         );
     }
 }
+
+/// A seed from the clock, printed, so that a failing kill point can be tried again.
+fn clock_seed(what: &str) -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    eprintln!("{what}: seed {seed}");
+    seed
+}
+
+/// Each trainer's settings for a short run on the tiny llama (output_dir and saving added later).
+fn trainer_runs(dir: &Path) -> Vec<(&'static str, Vec<String>)> {
+    let mut rng = Lcg(43);
+    let texts = dir.join("sft.jsonl");
+    write_jsonl(
+        &texts,
+        &(0..16)
+            .map(|_| json!({"prompt": phrase(&mut rng, 3), "completion": format!(" {}", phrase(&mut rng, 3))}))
+            .collect::<Vec<_>>(),
+    );
+    let rankings = dir.join("rankings.jsonl");
+    write_jsonl(
+        &rankings,
+        &(0..16)
+            .map(|_| {
+                let c: Vec<String> = (0..3)
+                    .map(|_| format!(" {}", phrase(&mut rng, 3)))
+                    .collect();
+                json!({"prompt": phrase(&mut rng, 2), "completions": c, "ranking": [2, 0, 1]})
+            })
+            .collect::<Vec<_>>(),
+    );
+    let pairs = dir.join("pairs.jsonl");
+    write_jsonl(
+        &pairs,
+        &(0..16)
+            .map(|_| {
+                let c = phrase(&mut rng, 3);
+                json!({"prompt": phrase(&mut rng, 3), "chosen": format!(" {c}"), "rejected": format!(" {} {c}", phrase(&mut rng, 2))})
+            })
+            .collect::<Vec<_>>(),
+    );
+    let prompts = dir.join("prompts.jsonl");
+    write_jsonl(
+        &prompts,
+        &(0..16)
+            .map(|_| json!({"prompt": phrase(&mut rng, 3)}))
+            .collect::<Vec<_>>(),
+    );
+    let model = format!("model=\"{}\"", model_path("llama-tied"));
+    let file = |key: &str, p: &Path| format!("{key}=\"{}\"", p.display());
+    vec![
+        (
+            "sft",
+            vec![
+                model.clone(),
+                file("train_file", &texts),
+                "per_device_train_batch_size=2".into(),
+                "max_steps=10".into(),
+            ],
+        ),
+        (
+            "rm",
+            vec![
+                model.clone(),
+                file("train_file", &rankings),
+                "per_device_train_batch_size=2".into(),
+                "max_steps=10".into(),
+            ],
+        ),
+        (
+            "dpo",
+            vec![
+                model.clone(),
+                file("train_file", &pairs),
+                "ref_cache_dir=\"\"".into(),
+                "per_device_train_batch_size=2".into(),
+                "max_steps=10".into(),
+            ],
+        ),
+        (
+            // A learned reward and value model: their heads go into extra.safetensors.
+            "ppo",
+            vec![
+                model.clone(),
+                file("prompt_file", &prompts),
+                format!("reward=\"{}\"", model_path("llama-rm")),
+                "response_length=4".into(),
+                "per_device_train_batch_size=4".into(),
+                "num_mini_batches=2".into(),
+                "max_steps=8".into(),
+            ],
+        ),
+        (
+            "grpo",
+            vec![
+                model,
+                file("prompt_file", &prompts),
+                "reward_funcs=[\"rule:ids:100-160\"]".into(),
+                "max_completion_length=4".into(),
+                "num_generations=2".into(),
+                "per_device_train_batch_size=4".into(),
+                "max_steps=8".into(),
+            ],
+        ),
+    ]
+}
+
+fn with_output(command: &str, sets: &[String], out: &Path) -> Vec<String> {
+    let mut a = vec![command.to_string()];
+    let all = sets.iter().cloned().chain([
+        format!("output_dir=\"{}\"", out.display()),
+        "learning_rate=1e-3".into(),
+        "logging_steps=1".into(),
+        "save_steps=1".into(),
+        "save_total_limit=3".into(),
+    ]);
+    for s in all {
+        a.extend(["--set".to_string(), s]);
+    }
+    a
+}
+
+fn resume_and_compare(command: &str, args: &[String], out: &Path, full: &Path, how: &str) {
+    let mut again = args.to_vec();
+    again.insert(1, "--resume".into());
+    let o = rlhf(&again).output().unwrap();
+    assert_ok(&o);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("resuming from"),
+        "{command} ({how}): did not resume"
+    );
+    no_partial_files(out);
+    let a = std::fs::read(full.join("model.safetensors")).unwrap();
+    let b = std::fs::read(out.join("model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "{command}: resumed after {how}, it ended with different weights"
+    );
+}
+
+/// Every trainer, stopped without warning — by SIGKILL at a random moment after its first
+/// checkpoint, and by an abort half-way through writing a checkpoint (model written, optimizer
+/// and trainer state not) — resumes to the bits of an uninterrupted run.
+#[test]
+fn every_trainer_killed_at_random_or_mid_checkpoint_resumes_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Lcg(clock_seed("kill points"));
+    for (command, sets) in trainer_runs(tmp.path()) {
+        let full = tmp.path().join(format!("{command}-full"));
+        let t0 = Instant::now();
+        assert_ok(&rlhf(&with_output(command, &sets, &full)).output().unwrap());
+        let whole_run = t0.elapsed();
+        let steps = read_jsonl(&full.join("metrics.jsonl"))
+            .iter()
+            .filter_map(|m| m.get("step").and_then(|s| s.as_u64()))
+            .max()
+            .unwrap_or(0);
+        assert!(steps >= 8, "{command}: only {steps} steps");
+
+        // SIGKILL somewhere in the first half of the run after its first checkpoint; a run that
+        // got there first is tried again with a shorter delay.
+        let killed = tmp.path().join(format!("{command}-killed"));
+        let args = with_output(command, &sets, &killed);
+        let mut delay = whole_run.mul_f64(rng.below(1000) as f64 / 2000.0);
+        loop {
+            std::fs::remove_dir_all(&killed).ok();
+            let mut child = rlhf(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let first = killed.join("checkpoints/step-00000001");
+            let t0 = Instant::now();
+            while !first.exists() {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(120),
+                    "{command}: no checkpoint"
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            std::thread::sleep(delay);
+            child.kill().unwrap();
+            child.wait().unwrap();
+            if !killed.join("model.safetensors").exists() {
+                break;
+            }
+            assert!(
+                delay > Duration::from_millis(1),
+                "{command}: ran to the end before the kill"
+            );
+            delay /= 4;
+        }
+        eprintln!("{command}: killed {delay:?} after its first checkpoint");
+        resume_and_compare(command, &args, &killed, &full, "SIGKILL");
+
+        // Cut off inside a checkpoint: the half-written one is passed over and cleared away.
+        let cut = tmp.path().join(format!("{command}-cut"));
+        let args = with_output(command, &sets, &cut);
+        let step = 2 + rng.below(4);
+        let o = rlhf(&args)
+            .env("RLHF_CRASH_AT", format!("checkpoint@{step}"))
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "{command}: the crash point was not reached"
+        );
+        let partial = cut.join(format!("checkpoints/.partial-step-{step:08}"));
+        assert!(
+            partial.join("model.safetensors").exists()
+                && !partial.join("trainer_state.json").exists(),
+            "{command}: no half-written checkpoint of step {step}"
+        );
+        resume_and_compare(
+            command,
+            &args,
+            &cut,
+            &full,
+            &format!("a crash inside checkpoint {step}"),
+        );
+    }
+}

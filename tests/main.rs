@@ -14,6 +14,7 @@ mod distributed;
 mod eval;
 mod frozen_storage;
 mod fused_ops;
+mod fuzz_corpus;
 mod generate;
 mod grad;
 mod grpo;

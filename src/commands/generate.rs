@@ -8,6 +8,9 @@ use std::time::Instant;
 use crate::checkpoint::Checkpoint;
 use crate::generate::{generate, SamplingConfig};
 
+/// Samples one command makes at most: its (prompt, sample) rows are counted before any is made.
+const MAX_ROWS: usize = 10_000_000;
+
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
     /// HF model directory, .gguf file, or repo id in the local HF cache.
@@ -165,13 +168,25 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         seed: args.seed,
         ..Default::default()
     };
-    // Each (prompt, sample) pair is one row; rows go through in batches.
-    let rows: Vec<(usize, usize)> = (0..prompts.len())
-        .flat_map(|p| (0..args.num_samples).map(move |s| (p, s)))
-        .collect();
+    // Each (prompt, sample) pair is one row; rows go through in batches, made as they are needed.
+    let rows = prompts
+        .len()
+        .checked_mul(args.num_samples)
+        .filter(|&n| n <= MAX_ROWS)
+        .with_context(|| {
+            format!(
+                "{} prompts × --num-samples {} is more than {MAX_ROWS} samples",
+                prompts.len(),
+                args.num_samples
+            )
+        })?;
+    let row = |i: usize| (i / args.num_samples, i % args.num_samples);
     let start = Instant::now();
     let mut new_tokens = 0usize;
-    for (b, chunk) in rows.chunks(args.batch_size).enumerate() {
+    for (b, first) in (0..rows).step_by(args.batch_size).enumerate() {
+        let chunk: Vec<(usize, usize)> = (first..rows.min(first.saturating_add(args.batch_size)))
+            .map(row)
+            .collect();
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&(p, _)| prompts[p].ids.clone()).collect();
         cfg.seed = args.seed.wrapping_add(b as u64);
         let samples = generate(&ck.model, &ids, &cfg)?;
@@ -193,7 +208,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
                     })
                 );
             } else {
-                if rows.len() > 1 {
+                if rows > 1 {
                     println!("### prompt {} sample {}", p + 1, s + 1);
                 }
                 println!("{text}");
@@ -203,7 +218,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let secs = start.elapsed().as_secs_f64();
     eprintln!(
         "generated {new_tokens} tokens for {} rows in {secs:.2}s ({:.1} tokens/s)",
-        rows.len(),
+        rows,
         new_tokens as f64 / secs
     );
     Ok(())

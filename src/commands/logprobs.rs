@@ -45,6 +45,7 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("need at least 2 tokens to score, got {}", ids.len());
     }
+    ck.model.config.check_context(ids.len(), "the sequence")?;
     let lp = ck
         .model
         .sequence_logprobs(std::slice::from_ref(&ids))?

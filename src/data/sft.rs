@@ -307,10 +307,23 @@ pub fn read_pretraining_text(
     max_length: usize,
 ) -> Result<(Vec<Example>, String)> {
     let records: Vec<(usize, Value)> = if path.ends_with(".txt") {
+        crate::io::require_regular_file(std::path::Path::new(path))?;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-        text.split("\n\n")
+        let paragraphs: Vec<&str> = text
+            .split("\n\n")
             .map(str::trim)
             .filter(|p| !p.is_empty())
+            .collect();
+        let limit = super::MAX_RECORD_BYTES;
+        if let Some(i) = paragraphs.iter().position(|p| p.len() > limit) {
+            bail!(
+                "{path}: paragraph {} is over {} MB; split it with blank lines",
+                i + 1,
+                limit >> 20
+            );
+        }
+        paragraphs
+            .into_iter()
             .enumerate()
             .map(|(i, p)| (i + 1, serde_json::json!({ "text": p })))
             .collect()

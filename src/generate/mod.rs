@@ -131,8 +131,8 @@ pub fn generate_scheduled(
         bail!("top_p must be in (0, 1], got {}", cfg.top_p);
     }
     let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    mc.check_length(
-        t0 + cfg.max_new_tokens,
+    mc.check_context(
+        t0.saturating_add(cfg.max_new_tokens),
         &format!("prompt length {t0} + max_new_tokens {}", cfg.max_new_tokens),
     )?;
     let mut samples: Vec<Sample> = prompts

@@ -553,6 +553,18 @@ impl ModelConfig {
         }
     }
 
+    /// Errors when a sequence a user gives the model directly (to score or to continue) is
+    /// longer than the context it was made for: GPT-2's positions, or `max_position_embeddings`
+    /// of the rotary families, beyond which attention's memory grows with the square of the
+    /// length for positions the model never saw.
+    pub fn check_context(&self, len: usize, what: &str) -> Result<()> {
+        let limit = self.max_position_embeddings;
+        if len > limit {
+            bail!("{what} ({len} tokens) exceeds the model's context of {limit} positions (max_position_embeddings)");
+        }
+        Ok(())
+    }
+
     /// Number of parameters (counting tied embeddings once).
     pub fn num_parameters(&self) -> usize {
         let (d, v, f) = (self.hidden_size, self.vocab_size, self.intermediate_size);

@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use regex::Regex;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
@@ -232,8 +232,10 @@ impl ExecReward {
             let stdout = child.stdout.take().expect("piped");
             let (tx, rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    if tx.send(line).is_err() {
+                let mut out = BufReader::new(stdout);
+                while let Some(line) = read_answer_line(&mut out) {
+                    let failed = line.is_err();
+                    if tx.send(line).is_err() || failed {
                         break;
                     }
                 }
@@ -273,19 +275,52 @@ impl ExecReward {
             ),
         };
         self.answered += 1;
-        let value: serde_json::Value = serde_json::from_str(line.trim()).map_err(|_| {
-            anyhow!(
-                "reward `exec:{cmd}`: answer {line_no} is not JSON: {}",
-                line.chars().take(80).collect::<String>()
-            )
-        })?;
-        match value.get("reward").and_then(serde_json::Value::as_f64) {
-            Some(x) if x.is_finite() => Ok(x as f32),
-            _ => bail!(
-                "reward `exec:{cmd}`: answer {line_no} has no finite number under \"reward\": {}",
-                line.chars().take(80).collect::<String>()
-            ),
+        parse_exec_answer(&line, &cmd, line_no)
+    }
+}
+
+/// An answer line longer than this is an error, not an allocation without end.
+const MAX_ANSWER_BYTES: u64 = 1 << 20;
+
+/// The program's next line (None at the end of its output), refused past [`MAX_ANSWER_BYTES`]
+/// or when it is not UTF-8.
+fn read_answer_line(out: &mut impl BufRead) -> Option<std::io::Result<String>> {
+    let mut buf = Vec::new();
+    match Read::take(&mut *out, MAX_ANSWER_BYTES + 1).read_until(b'\n', &mut buf) {
+        Ok(0) => None,
+        Err(e) => Some(Err(e)),
+        Ok(_) if buf.len() as u64 > MAX_ANSWER_BYTES => Some(Err(std::io::Error::other(format!(
+            "an answer longer than {MAX_ANSWER_BYTES} bytes"
+        )))),
+        Ok(_) => {
+            if buf.ends_with(b"\n") {
+                buf.pop();
+            }
+            Some(String::from_utf8(buf).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "an answer that is not UTF-8",
+                )
+            }))
         }
+    }
+}
+
+/// One answer of an `exec:` reward program: `{"reward": x}` with x finite.
+pub fn parse_exec_answer(line: &str, cmd: &str, line_no: usize) -> Result<f32> {
+    let shown = || line.chars().take(80).collect::<String>();
+    let value: serde_json::Value = serde_json::from_str(line.trim()).map_err(|_| {
+        anyhow!(
+            "reward `exec:{cmd}`: answer {line_no} is not JSON: {}",
+            shown()
+        )
+    })?;
+    match value.get("reward").and_then(serde_json::Value::as_f64) {
+        Some(x) if x.is_finite() => Ok(x as f32),
+        _ => bail!(
+            "reward `exec:{cmd}`: answer {line_no} has no finite number under \"reward\": {}",
+            shown()
+        ),
     }
 }
 
@@ -399,6 +434,35 @@ mod tests {
                 response_text: t,
             })
             .collect()
+    }
+
+    #[test]
+    fn answer_lines_are_bounded_and_utf8() {
+        let mut two = std::io::Cursor::new(b"{\"reward\": 1}\nlast".to_vec());
+        assert_eq!(
+            read_answer_line(&mut two).unwrap().unwrap(),
+            "{\"reward\": 1}"
+        );
+        assert_eq!(read_answer_line(&mut two).unwrap().unwrap(), "last");
+        assert!(read_answer_line(&mut two).is_none());
+        let long = vec![b'1'; MAX_ANSWER_BYTES as usize + 1];
+        let e = read_answer_line(&mut std::io::Cursor::new(long)).unwrap();
+        assert!(e.unwrap_err().to_string().contains("longer than"));
+        let e = read_answer_line(&mut std::io::Cursor::new(vec![0xff, b'\n'])).unwrap();
+        assert!(e.unwrap_err().to_string().contains("not UTF-8"));
+        assert_eq!(
+            parse_exec_answer(" {\"reward\": 0.5} ", "p", 1).unwrap(),
+            0.5
+        );
+        for bad in [
+            "",
+            "{}",
+            "{\"reward\": \"1\"}",
+            "[1]",
+            "{\"reward\": 1e999}",
+        ] {
+            assert!(parse_exec_answer(bad, "p", 1).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -66,10 +66,14 @@ impl Tokenizer {
                 dir.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        crate::io::require_regular_file(&path)?;
+        // The tokenizers library panics on some malformed files instead of returning an error.
+        let inner = crate::io::without_panics(|| tokenizers::Tokenizer::from_file(&path))
+            .ok_or_else(|| anyhow!("{}: cannot load tokenizer: malformed", path.display()))?
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config: Value = if cfg_path.exists() {
+            crate::io::require_regular_file(&cfg_path)?;
             let text = std::fs::read_to_string(&cfg_path)
                 .with_context(|| format!("cannot read {}", cfg_path.display()))?;
             serde_json::from_str(&text)
@@ -81,6 +85,7 @@ impl Tokenizer {
         let mut chat_template_origin = cfg_path.display().to_string();
         let jinja = dir.join("chat_template.jinja");
         if jinja.exists() {
+            crate::io::require_regular_file(&jinja)?;
             chat_template = Some(
                 std::fs::read_to_string(&jinja)
                     .with_context(|| format!("cannot read {}", jinja.display()))?,

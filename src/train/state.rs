@@ -97,8 +97,15 @@ pub fn save_checkpoint(
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let final_path = dir.join(format!("step-{:08}", state.step));
     let staging = dir.join(format!(".partial-step-{:08}", state.step));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).ok();
+    // Left by a run that was killed while writing (one process writes here, so none is live).
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".partial-step-")
+        {
+            std::fs::remove_dir_all(entry.path()).ok();
+        }
     }
     let written = write_checkpoint_files(&staging, optimizer, state, extra);
     if let Err(e) = written {
@@ -124,6 +131,18 @@ pub fn save_checkpoint(
     Ok(final_path)
 }
 
+/// Fault injection for the tests: with `RLHF_CRASH_AT=<point>@<step>` in the environment the
+/// process aborts there (no destructors, no flushing: as `kill -9` would stop it), so that
+/// `--resume` can be tested from a checkpoint cut off half-way through its files.
+fn crash_here_if_asked(point: &str, step: u64) {
+    if let Ok(at) = std::env::var("RLHF_CRASH_AT") {
+        if at == format!("{point}@{step}") {
+            eprintln!("RLHF_CRASH_AT={at}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
 /// The checkpoint's files in `staging`, each flushed to the disk (and the directory itself).
 fn write_checkpoint_files(
     staging: &Path,
@@ -138,6 +157,7 @@ fn write_checkpoint_files(
         .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
         .collect();
     save_tensors(&weights, &staging.join("model.safetensors"))?;
+    crash_here_if_asked("checkpoint", state.step);
     save_tensors(
         &optimizer.adamw().state_tensors(params)?,
         &staging.join("optimizer.safetensors"),

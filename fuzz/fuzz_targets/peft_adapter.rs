@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rlhf_fuzz::run(rlhf::fuzzing::Target::PeftAdapter, data));

@@ -1,0 +1,5 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| rlhf_fuzz::run(
+    rlhf::fuzzing::Target::TomlSettings,
+    data
+));
