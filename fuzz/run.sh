@@ -11,6 +11,8 @@ cd "$(dirname "$0")"
 seconds=${1:-300}
 shift || true
 export RUSTC_BOOTSTRAP=1
+# anyhow captures a backtrace per error when RUST_BACKTRACE is set (cargo fuzz sets it): slow.
+export RUST_LIB_BACKTRACE=0
 if [ $# -gt 0 ]; then targets=("$@"); else mapfile -t targets < <(cargo fuzz list); fi
 [ -d corpus ] || ./seed.sh
 # cargo-fuzz's default build: optimised, with debug assertions, overflow checks and ASan.
@@ -29,8 +31,8 @@ printf '%s\n' "${targets[@]}" | xargs -P "${JOBS:-1}" -I{} bash -c "fuzz_one {} 
 printf '%-18s %12s %10s %8s %s\n' target executions "exec/s" crashes corpus
 total=0
 for t in "${targets[@]}"; do
-  runs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "logs/$t.log" | tail -1 | grep -o '[0-9]*$' || echo 0)
-  speed=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "logs/$t.log" | tail -1 | grep -o '[0-9]*$' || echo 0)
+  runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "logs/$t.log" | tail -1 | grep -o '[0-9]*$' || echo 0)
+  speed=$(grep -o 'stat::average_exec_per_sec: *[0-9]*' "logs/$t.log" | tail -1 | grep -o '[0-9]*$' || echo 0)
   crashes=$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' -o -name 'leak-*' \) | wc -l)
   printf '%-18s %12s %10s %8s %s\n' "$t" "${runs:-0}" "${speed:-0}" "$crashes" "$(ls "corpus/$t" | wc -l)"
   total=$((total + ${runs:-0}))

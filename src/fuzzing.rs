@@ -12,7 +12,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::checkpoint::Checkpoint;
-use crate::data::preference::{prepare_comparisons, PreferenceDataConfig};
+use crate::data::preference::{prepare_comparisons, ComparisonsFor, PreferenceDataConfig};
 use crate::data::sft::{prepare, SftDataConfig};
 use crate::io::one_line_error;
 use crate::settings::{KeyDoc, Section, Settings};
@@ -218,7 +218,9 @@ impl Harness {
         let records = crate::data::read_records(path)?;
         let cfg = PreferenceDataConfig::default();
         let origin = path.display().to_string();
-        prepare_comparisons(&records, &origin, &self.tokenizer, &cfg, true)?;
+        for use_ in [ComparisonsFor::Dpo, ComparisonsFor::RewardModel] {
+            prepare_comparisons(&records, &origin, &self.tokenizer, &cfg, use_)?;
+        }
         Ok(())
     }
 

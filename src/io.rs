@@ -1,6 +1,7 @@
 //! Small file helpers: JSON writing and all-or-nothing output directories.
 
 use anyhow::{bail, Context, Result};
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
@@ -126,6 +127,36 @@ fn printable(text: &str) -> String {
     out
 }
 
+/// One line read by [`read_line_bounded`].
+pub enum BoundedLine {
+    /// The line's bytes, without its `\n` (or `\r\n`).
+    Line(Vec<u8>),
+    /// The line goes on past the limit (what was read of it is dropped).
+    TooLong,
+}
+
+/// The next line of `r` (None at the end), reading at most `limit` + 1 bytes of it: a file or
+/// a program that sends one endless line gets an error, not all the memory there is.
+pub fn read_line_bounded(
+    r: &mut impl BufRead,
+    limit: usize,
+) -> std::io::Result<Option<BoundedLine>> {
+    let mut buf = Vec::new();
+    let n = Read::take(&mut *r, limit as u64 + 1).read_until(b'\n', &mut buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    } else if buf.len() > limit {
+        return Ok(Some(BoundedLine::TooLong));
+    }
+    Ok(Some(BoundedLine::Line(buf)))
+}
+
 /// `~/x` → `$HOME/x` (config files are not seen by a shell).
 pub fn expand_tilde(path: &str) -> String {
     match (path.strip_prefix("~/"), std::env::var("HOME")) {
@@ -178,6 +209,19 @@ pub fn without_panics<T>(f: impl FnOnce() -> T) -> Option<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounded_lines_end_at_the_limit_and_drop_their_newline() {
+        let mut r = std::io::Cursor::new(b"abc\r\nabcd\nabcde\nlast".to_vec());
+        let mut next = || match read_line_bounded(&mut r, 4).unwrap() {
+            Some(BoundedLine::Line(b)) => Some(String::from_utf8(b).unwrap()),
+            Some(BoundedLine::TooLong) => Some("too long".into()),
+            None => None,
+        };
+        assert_eq!(next().as_deref(), Some("abc"));
+        assert_eq!(next().as_deref(), Some("abcd"));
+        assert_eq!(next().as_deref(), Some("too long"));
+    }
 
     #[test]
     fn error_lines_are_one_short_printable_line() {

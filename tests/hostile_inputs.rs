@@ -171,10 +171,27 @@ fn data_that_is_not_a_file_or_too_large_a_record_is_refused_naming_it() {
         format!("{{\"prompt\": \"a\", \"completion\": \"b\"}}\n{{\"prompt\": \"a\", \"completion\": \"{text}\"}}\n"),
     )
     .unwrap();
+    let joined = tmp.path().join("joined.jsonl");
+    std::fs::write(
+        &joined,
+        "{\"text\": \"a b\"}\n\u{feff}{\"text\": \"c d\"}\n",
+    )
+    .unwrap();
+    let latin1 = tmp.path().join("latin1.jsonl");
+    std::fs::write(
+        &latin1,
+        b"{\"prompt\": \"a\", \"completion\": \"caf\xe9\"}\n",
+    )
+    .unwrap();
     for (path, want) in [
         (&fifo, "not a regular file"),
         (&dir, "is a directory"),
-        (&big, "big.jsonl:2: a record of 20 MB"),
+        (&big, "big.jsonl:2: a record over 16 MB"),
+        (&joined, "joined.jsonl:2: starts with a byte-order mark"),
+        (
+            &latin1,
+            "latin1.jsonl:1: not UTF-8 text (byte 35 of the line)",
+        ),
     ] {
         let t0 = Instant::now();
         let out = sft_on(path);
@@ -236,4 +253,77 @@ fn wrong_types_duplicate_tensors_and_shard_paths_are_refused() {
     );
     std::fs::write(&index, text).unwrap();
     refused(&escape, "is not a file name");
+}
+
+/// `rlhf` with `args`: must fail within seconds in one line containing `want`.
+fn refuses(args: &[&str], want: &str) {
+    let t0 = Instant::now();
+    let out = run_rlhf(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?}: accepted");
+    assert!(err.contains(want), "{args:?}: {err}");
+    assert_eq!(error_lines(&err), 1, "{err}");
+    assert!(err.lines().last().unwrap().len() < 600, "{err}");
+    assert!(t0.elapsed().as_secs() < 20, "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn sequences_past_the_context_and_sample_counts_past_the_limit_are_refused() {
+    let llama = model_path("llama-tied");
+    // 60,000 ids in one argument (under Linux's 128 KB for one).
+    let ids = vec!["5"; 60_000].join(",");
+    let context = "exceeds the model's context of 64 positions";
+    refuses(&["logprobs", "--model", &llama, "--ids", &ids], context);
+    let max = usize::MAX.to_string();
+    let generate = ["generate", "--model", &llama, "--prompt", "a b"];
+    refuses(
+        &[&generate[..], &["--max-new-tokens", &max]].concat(),
+        context,
+    );
+    refuses(
+        &[&generate[..], &["--num-samples", "100000000000"]].concat(),
+        "is more than 10000000 samples",
+    );
+}
+
+#[test]
+fn a_template_that_includes_itself_and_a_dpo_prompt_without_tokens_are_named_briefly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(Path::new(&model_path("llama-tied")), &model);
+    let cfg_path = model.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = "{% include 'chat_template' %}".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let m = model.to_str().unwrap();
+    refuses(
+        &["generate", "--model", m, "--chat", "--prompt", "hi"],
+        "{% include %} failed",
+    );
+
+    let data = tmp.path().join("pairs.jsonl");
+    write_jsonl(
+        &data,
+        &[
+            serde_json::json!({"prompt": "a", "chosen": " b", "rejected": " c"}),
+            serde_json::json!({"prompt": "", "chosen": " b", "rejected": " c"}),
+        ],
+    );
+    let out = run_with_sets(
+        &["dpo"],
+        &[
+            format!("model=\"{}\"", model_path("llama-tied")),
+            format!("train_file=\"{}\"", data.display()),
+            format!("output_dir=\"{}\"", tmp.path().join("out").display()),
+            "max_steps=1".into(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("pairs.jsonl:2: the prompt has no tokens"),
+        "{err}"
+    );
+    assert_eq!(error_lines(&err), 1, "{err}");
 }

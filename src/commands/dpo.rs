@@ -8,7 +8,9 @@ use serde_json::json;
 use super::{start_training, TrainArgs};
 use crate::algos::dpo::{DpoLoss, DpoParams, DpoTask, ReferenceCache};
 use crate::checkpoint::{save_final, Checkpoint};
-use crate::data::preference::{prepare_train_eval, Comparison, PreferenceDataConfig};
+use crate::data::preference::{
+    prepare_train_eval, Comparison, ComparisonsFor, PreferenceDataConfig,
+};
 use crate::model::lora::LoraConfig;
 use crate::settings::{describe, help, KeyDoc, Section};
 use crate::train::fingerprint::resume_fingerprint;
@@ -105,7 +107,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     )?;
     let ck = super::load_trainable(&run.model, &lora, train_cfg.seed)?;
     data_cfg.fit_positions(ck.model.config.position_limit());
-    let (train_set, eval_set) = prepare_train_eval(&records, ck.tokenizer()?, &data_cfg, true)?;
+    let (train_set, eval_set) =
+        prepare_train_eval(&records, ck.tokenizer()?, &data_cfg, ComparisonsFor::Dpo)?;
     let norm = params.loss.length_normalized();
     let batch = train_cfg.per_device_eval_batch_size;
     let (train_ref, eval_ref) = if run.reference_free {

@@ -9,7 +9,7 @@ use super::{start_training, TrainArgs};
 use crate::algos::rm::{mean_raw_score, RankingBatching, RmTask};
 use crate::checkpoint::save_reward_model;
 use crate::data::preference::{
-    expand_to_pairs, prepare_train_eval, read_reference_completions, Comparison,
+    expand_to_pairs, prepare_train_eval, read_reference_completions, Comparison, ComparisonsFor,
     PreferenceDataConfig,
 };
 use crate::model::lora::LoraConfig;
@@ -93,7 +93,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let tok = ck.tokenizer()?;
     data_cfg.fit_positions(ck.model.config.position_limit());
     // A reward model reads its score at the last token of the text itself: no EOS is appended.
-    let (comparisons, eval) = prepare_train_eval(&records, tok, &data_cfg, false)?;
+    let (comparisons, eval) =
+        prepare_train_eval(&records, tok, &data_cfg, ComparisonsFor::RewardModel)?;
     // The sequences whose mean score becomes 0 after training.
     let reference = match (run.normalize_rewards, run.normalize_file.is_empty()) {
         (false, _) => vec![],

@@ -7,8 +7,9 @@ pub mod sft;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use std::io::BufRead;
 use std::path::Path;
+
+use crate::io::BoundedLine;
 
 /// The longest JSONL record read (one line).
 pub const MAX_RECORD_BYTES: usize = 16 << 20;
@@ -18,46 +19,45 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<(usize, Value)>> {
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| {
-            format!(
-                "{}:{}: cannot read line (not UTF-8?)",
-                path.display(),
-                i + 1
+    let mut reader = std::io::BufReader::new(file);
+    let at = |i: usize| format!("{}:{}", path.display(), i + 1);
+    for i in 0.. {
+        let read = crate::io::read_line_bounded(&mut reader, MAX_RECORD_BYTES)
+            .with_context(|| format!("{}: cannot read", at(i)))?;
+        let bytes = match read {
+            None => break,
+            Some(BoundedLine::Line(bytes)) => bytes,
+            Some(BoundedLine::TooLong) => bail!(
+                "{}: a record over {} MB; records are limited to {} MB (split the text, or it would take far more memory once tokenized)",
+                at(i),
+                MAX_RECORD_BYTES >> 20,
+                MAX_RECORD_BYTES >> 20
+            ),
+        };
+        let line = String::from_utf8(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not UTF-8 text (byte {} of the line)",
+                at(i),
+                e.utf8_error().valid_up_to() + 1
             )
         })?;
-        if line.len() > MAX_RECORD_BYTES {
-            bail!(
-                "{}:{}: a record of {} MB; records are limited to {} MB (split the text, or it would take far more memory once tokenized)",
-                path.display(),
-                i + 1,
-                line.len() >> 20,
-                MAX_RECORD_BYTES >> 20
-            );
-        }
-        // A byte-order mark some editors put before the first line is not part of the record.
-        let line = if i == 0 {
-            line.strip_prefix('\u{feff}').unwrap_or(&line)
-        } else {
-            &line
+        // A byte-order mark some editors put before the first line is not part of the record;
+        // one further down means files were joined (`cat a.jsonl b.jsonl`).
+        let line = match line.strip_prefix('\u{feff}') {
+            Some(rest) if i == 0 => rest,
+            Some(_) => bail!(
+                "{}: starts with a byte-order mark (U+FEFF): files joined together? Remove it",
+                at(i)
+            ),
+            None => &line,
         };
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(line).with_context(|| {
-            format!(
-                "{}:{}: expected one JSON object per line",
-                path.display(),
-                i + 1
-            )
-        })?;
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}: expected one JSON object per line", at(i)))?;
         if !v.is_object() {
-            bail!(
-                "{}:{}: expected a JSON object, found {}",
-                path.display(),
-                i + 1,
-                kind(&v)
-            );
+            bail!("{}: expected a JSON object, found {}", at(i), kind(&v));
         }
         out.push((i + 1, v));
     }

@@ -186,15 +186,25 @@ fn parse_record(rec: &Value) -> Result<(Value, Vec<Value>, f32)> {
     ))
 }
 
-/// Tokenises every record (errors name `file:line`). `append_eos` ends string completions with
-/// EOS (DPO scores the end of the text; a reward model reads its score at the last text token).
+/// What the comparisons are for, which decides how they are tokenised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ComparisonsFor {
+    /// A reward model reads its score at the last text token: no EOS; a prompt may be empty.
+    RewardModel,
+    /// DPO scores each completion given its prompt, to the end of the text: string completions
+    /// end with EOS, and the prompt needs at least one token.
+    Dpo,
+}
+
+/// Tokenises every record for `use_` (errors name `file:line`).
 pub fn prepare_comparisons(
     records: &[(usize, Value)],
     origin: &str,
     tok: &Tokenizer,
     cfg: &PreferenceDataConfig,
-    append_eos: bool,
+    use_: ComparisonsFor,
 ) -> Result<(Vec<Comparison>, PreferenceStats)> {
+    let append_eos = use_ == ComparisonsFor::Dpo;
     if records.is_empty() {
         bail!("{origin}: no records");
     }
@@ -224,6 +234,12 @@ pub fn prepare_comparisons(
                 }
                 Some(p) => p,
             };
+            if p.is_empty() && use_ == ComparisonsFor::Dpo {
+                bail!(
+                    "{}: the prompt has no tokens; DPO scores each completion given its prompt",
+                    at()
+                );
+            }
             let room = cfg.max_length.saturating_sub(p.len());
             if room == 0 {
                 bail!(
@@ -262,21 +278,20 @@ pub fn prepare_comparisons(
     Ok((out, stats))
 }
 
-/// Training and held-out comparisons of a run, tokenised; prints what was made.
-/// `append_eos` as in [`prepare_comparisons`].
+/// Training and held-out comparisons of a run, tokenised for `use_`; prints what was made.
 pub fn prepare_train_eval(
     records: &super::TrainEval,
     tok: &Tokenizer,
     cfg: &PreferenceDataConfig,
-    append_eos: bool,
+    use_: ComparisonsFor,
 ) -> Result<(Vec<Comparison>, Vec<Comparison>)> {
     let (train, stats) =
-        prepare_comparisons(&records.train, &records.train_origin, tok, cfg, append_eos)?;
+        prepare_comparisons(&records.train, &records.train_origin, tok, cfg, use_)?;
     eprintln!("train data: {}", stats.summary());
     if records.eval.is_empty() {
         return Ok((train, vec![]));
     }
-    let (eval, s) = prepare_comparisons(&records.eval, &records.eval_origin, tok, cfg, append_eos)?;
+    let (eval, s) = prepare_comparisons(&records.eval, &records.eval_origin, tok, cfg, use_)?;
     eprintln!("eval data: {}", s.summary());
     Ok((train, eval))
 }

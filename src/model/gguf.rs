@@ -35,6 +35,15 @@ impl GgufFile {
         // Every tensor must lie inside the file before anything is allocated for it.
         for (name, info) in &content.tensor_infos {
             let dtype = info.ggml_dtype;
+            // An empty tensor gives candle a dangling, misaligned buffer to cast (undefined
+            // behaviour); no model has one.
+            if info.shape.dims().contains(&0) {
+                bail!(
+                    "{}: tensor `{name}` has a zero dimension (shape {:?})",
+                    path.display(),
+                    info.shape.dims()
+                );
+            }
             let bytes = info
                 .shape
                 .dims()

@@ -691,11 +691,24 @@ fn parse_rope_scaling(v: Option<&Value>, ctx: RopeContext) -> Result<RopeScaling
     if !v.is_object() {
         bail!("rope_scaling must be an object, got {v}");
     }
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = match v.get("rope_type").or_else(|| v.get("type")) {
+        Some(k) => k
+            .as_str()
+            .with_context(|| format!("rope_scaling.rope_type must be a string, got {k}"))?,
+        None => {
+            let keys: Vec<&String> = v
+                .as_object()
+                .map(|o| o.keys().collect())
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                // transformers reads this as the default rope too, and warns the same way.
+                eprintln!(
+                    "note: rope_scaling has no rope_type, so {keys:?} are not used (plain RoPE)"
+                );
+            }
+            "default"
+        }
+    };
     let factor = || -> Result<f64> {
         match opt_f64(v, "factor") {
             Some(f) if f.is_finite() && f > 0.0 => Ok(f),

@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use regex::Regex;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
@@ -280,30 +280,27 @@ impl ExecReward {
 }
 
 /// An answer line longer than this is an error, not an allocation without end.
-const MAX_ANSWER_BYTES: u64 = 1 << 20;
+const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// The program's next line (None at the end of its output), refused past [`MAX_ANSWER_BYTES`]
 /// or when it is not UTF-8.
 fn read_answer_line(out: &mut impl BufRead) -> Option<std::io::Result<String>> {
-    let mut buf = Vec::new();
-    match Read::take(&mut *out, MAX_ANSWER_BYTES + 1).read_until(b'\n', &mut buf) {
-        Ok(0) => None,
-        Err(e) => Some(Err(e)),
-        Ok(_) if buf.len() as u64 > MAX_ANSWER_BYTES => Some(Err(std::io::Error::other(format!(
-            "an answer longer than {MAX_ANSWER_BYTES} bytes"
-        )))),
-        Ok(_) => {
-            if buf.ends_with(b"\n") {
-                buf.pop();
-            }
-            Some(String::from_utf8(buf).map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "an answer that is not UTF-8",
-                )
-            }))
+    use crate::io::{read_line_bounded, BoundedLine};
+    let line = match read_line_bounded(out, MAX_ANSWER_BYTES) {
+        Ok(None) => return None,
+        Err(e) => return Some(Err(e)),
+        Ok(Some(BoundedLine::TooLong)) => {
+            let e = format!("an answer longer than {MAX_ANSWER_BYTES} bytes");
+            return Some(Err(std::io::Error::other(e)));
         }
-    }
+        Ok(Some(BoundedLine::Line(bytes))) => bytes,
+    };
+    Some(String::from_utf8(line).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "an answer that is not UTF-8",
+        )
+    }))
 }
 
 /// One answer of an `exec:` reward program: `{"reward": x}` with x finite.
@@ -445,7 +442,7 @@ mod tests {
         );
         assert_eq!(read_answer_line(&mut two).unwrap().unwrap(), "last");
         assert!(read_answer_line(&mut two).is_none());
-        let long = vec![b'1'; MAX_ANSWER_BYTES as usize + 1];
+        let long = vec![b'1'; MAX_ANSWER_BYTES + 1];
         let e = read_answer_line(&mut std::io::Cursor::new(long)).unwrap();
         assert!(e.unwrap_err().to_string().contains("longer than"));
         let e = read_answer_line(&mut std::io::Cursor::new(vec![0xff, b'\n'])).unwrap();

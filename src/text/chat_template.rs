@@ -347,6 +347,28 @@ fn is_raised(err: &Error) -> bool {
 /// One line: the message (just the template's text for `raise_exception`), the line, and any
 /// underlying cause.
 fn describe(err: &Error) -> String {
+    // An include's error wraps the included template's, which for a template that includes
+    // itself nests hundreds deep: say how deep, then the innermost.
+    if err.kind() == ErrorKind::BadInclude {
+        let mut depth = 1;
+        let mut inner = err;
+        while let Some(next) =
+            std::error::Error::source(inner).and_then(|e| e.downcast_ref::<Error>())
+        {
+            if next.kind() != ErrorKind::BadInclude {
+                return format!(
+                    "{{% include %}} failed {depth} level(s) deep: {}",
+                    describe(next)
+                );
+            }
+            depth += 1;
+            inner = next;
+        }
+        return format!(
+            "{{% include %}} failed {depth} level(s) deep: {}",
+            inner.detail().unwrap_or("no detail")
+        );
+    }
     let mut text = match err.detail() {
         Some(detail) if is_raised(err) => detail.to_string(),
         Some(detail) => format!("{}: {detail}", err.kind()),

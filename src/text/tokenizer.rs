@@ -71,6 +71,21 @@ impl Tokenizer {
         let inner = crate::io::without_panics(|| tokenizers::Tokenizer::from_file(&path))
             .ok_or_else(|| anyhow!("{}: cannot load tokenizer: malformed", path.display()))?
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        // ...and on some that it loads, the first time they are used (a post-processor naming a
+        // special token the file does not define): use it once here, where that is an error.
+        let probe = || {
+            for add_special in [false, true] {
+                if let Ok(e) = inner.encode("Hello, world! 123", add_special) {
+                    let _ = inner.decode(e.get_ids(), false);
+                }
+            }
+        };
+        if crate::io::without_panics(probe).is_none() {
+            bail!(
+                "{}: the tokenizer fails on a test sentence (a post-processor or decoder that names tokens it does not have?)",
+                path.display()
+            );
+        }
         let cfg_path = dir.join("tokenizer_config.json");
         let config: Value = if cfg_path.exists() {
             crate::io::require_regular_file(&cfg_path)?;
