@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Writes the starting corpus of every fuzz target (fuzz/corpus/<target>/) from the repo's test
-# fixtures and a few hand-written records. The campaign grows it; `run.sh` minimises it.
+# fixtures and a few hand-written records. The campaign (`run.sh`) grows it; `minimize.sh` shrinks it again.
 set -euo pipefail
 cd "$(dirname "$0")"
 fx=../tests/fixtures

@@ -505,3 +505,46 @@ fn files_without_rows_are_an_error() {
     std::fs::write(&empty, b"").unwrap();
     assert!(err(&empty).contains("no records"));
 }
+
+/// Thrift lists that claim more elements than the file holds: the parquet crate skips a field it
+/// does not know taking each boolean in a list as no bytes, so 9 bytes kept it busy for 2³¹
+/// steps per list (found by fuzzing: fuzz/regressions/parquet_file). Refused before it decodes.
+#[test]
+fn footers_and_page_headers_claiming_billions_of_elements_are_refused() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().unwrap();
+    let good = fixture("preferences_gzip.parquet");
+    let bytes = std::fs::read(&good).unwrap();
+    // A field the crate does not know (id 100, type list): 2^31 - 1 booleans.
+    let bomb = [0x09, 0xc8, 0x01, 0xf1, 0xff, 0xff, 0xff, 0xff, 0x07];
+    let with_bomb_at = |name: &str, at: usize| {
+        let mut b = bytes.clone();
+        b[at..at + bomb.len()].copy_from_slice(&bomb);
+        let path = dir.path().join(name);
+        std::fs::write(&path, b).unwrap();
+        path
+    };
+    let footer_len = u32::from_le_bytes(bytes[bytes.len() - 8..][..4].try_into().unwrap());
+    let footer = with_bomb_at("footer.parquet", bytes.len() - 8 - footer_len as usize);
+    let e = err(&footer);
+    assert!(
+        e.contains(
+            "footer.parquet: corrupt Parquet footer: a Thrift list claims 2147483647 elements"
+        ),
+        "{e}"
+    );
+
+    let reader = SerializedFileReader::new(std::fs::File::open(&good).unwrap()).unwrap();
+    let column = reader.metadata().row_group(0).column(0);
+    let first_page = column
+        .dictionary_page_offset()
+        .unwrap_or(column.data_page_offset());
+    let page = with_bomb_at("page.parquet", first_page as usize);
+    let e = err(&page);
+    assert!(
+        e.contains("page.parquet: corrupt Parquet page header in column `prompt`"),
+        "{e}"
+    );
+    // The file it was made from reads.
+    assert!(!rows(&good).is_empty());
+}

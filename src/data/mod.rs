@@ -1,6 +1,7 @@
 //! Reading datasets. Every record keeps its file and line so errors can point at it.
 
 pub mod parquet;
+mod parquet_thrift;
 pub mod preference;
 pub mod prompts;
 pub mod sft;

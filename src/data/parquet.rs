@@ -35,10 +35,17 @@ pub fn read_parquet(path: &Path) -> Result<Vec<(usize, Value)>> {
     // range, say), so decoding runs under `without_panics`: a corrupt file gives an error, not a crash.
     let mut out = Vec::new();
     let decoded = without_panics(|| -> Result<()> {
+        let name = shown.to_string();
+        // Before the crate decodes a Thrift structure: it can spin for hours on a tiny one.
+        super::parquet_thrift::check_footer(&file, &name)?;
+        let pages = file
+            .try_clone()
+            .map_err(|e| anyhow!("cannot read {shown}: {e}"))?;
         let reader = SerializedFileReader::new(file).map_err(|e| {
             anyhow!("{shown}: not a readable Parquet file (truncated or corrupt?): {e}")
         })?;
         check_codecs(&reader).map_err(|e| anyhow!("{shown}: {e}"))?;
+        super::parquet_thrift::check_page_headers(&pages, reader.metadata(), &name)?;
         let rows = reader
             .get_row_iter(None)
             .map_err(|e| anyhow!("{shown}: cannot read the Parquet schema: {e}"))?;
