@@ -428,3 +428,29 @@ fn ppo_takes_a_reward_function_with_the_prompt_columns() {
     );
     assert_eq!(series(&out, "objective/scores"), vec![1.0]);
 }
+
+/// Sizes whose products overflow (the first probe panicked dividing by a wrapped zero) and an
+/// endless epoch count are refused in one line before anything trains.
+#[test]
+fn batch_arithmetic_that_overflows_and_endless_epochs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts_file(tmp.path(), 8, 4);
+    let huge = (1u64 << 62).to_string();
+    for (extra, want) in [
+        (
+            format!("num_mini_batches={huge}"),
+            "per_device_train_batch_size × gradient_accumulation_steps × num_mini_batches) is too large",
+        ),
+        (
+            format!("gradient_accumulation_steps={huge}"),
+            "per_device_train_batch_size × gradient_accumulation_steps is too large",
+        ),
+        ("num_train_epochs=inf".into(), "num_train_epochs must be a finite number"),
+    ] {
+        let out = ppo(&tmp.path().join("out"), &prompts, &[&extra]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra}: accepted");
+        assert!(err.contains(want), "{extra}: {err}");
+        assert_eq!(error_lines(&err), 1, "{err}");
+    }
+}

@@ -12,7 +12,8 @@
 use anyhow::{bail, Result};
 use std::io::{BufReader, Read, Seek, SeekFrom};
 
-use ::parquet::file::metadata::ParquetMetaData;
+use ::parquet::basic::{Compression, Type as PhysicalType};
+use ::parquet::file::metadata::{ColumnChunkMetaData, ParquetMetaData};
 
 // The compact protocol's types (the low four bits of a field's or a list's header).
 const BOOL_TRUE: u8 = 1;
@@ -32,8 +33,12 @@ const UUID: u8 = 13;
 /// Deeper than this the crate refuses to skip (it stops 64 levels below the structures it knows).
 const MAX_DEPTH: usize = 80;
 
-/// `PageHeader.compressed_page_size`: the bytes of page data after a page header.
-const COMPRESSED_PAGE_SIZE: i16 = 3;
+// Fields of a `PageHeader`: its type, the page's sizes, and a dictionary page's value count.
+const PAGE_TYPE: &[i16] = &[1];
+const UNCOMPRESSED_PAGE_SIZE: &[i16] = &[2];
+const COMPRESSED_PAGE_SIZE: &[i16] = &[3];
+const DICTIONARY_NUM_VALUES: &[i16] = &[7, 1];
+const DICTIONARY_PAGE: i64 = 2;
 
 /// Why a walk stopped early.
 #[derive(Debug, PartialEq)]
@@ -44,14 +49,35 @@ enum Stop {
     TooMany { claimed: u64 },
 }
 
-/// Walks Thrift compact-protocol values, counting the elements visited against `budget`.
+/// Walks Thrift compact-protocol values, counting the elements visited against `budget` and
+/// keeping the integers found at the field paths of `wanted` (field ids from the outermost struct).
 struct Walker<R> {
     input: R,
     consumed: u64,
     budget: u64,
+    path: Vec<i16>,
+    wanted: Vec<(&'static [i16], Option<i64>)>,
 }
 
 impl<R: Read> Walker<R> {
+    fn new(input: R, budget: u64) -> Self {
+        Walker {
+            input,
+            consumed: 0,
+            budget,
+            path: vec![],
+            wanted: vec![],
+        }
+    }
+
+    /// The integer at `path`, if the walk met one there.
+    fn found(&self, path: &[i16]) -> Option<i64> {
+        self.wanted
+            .iter()
+            .find(|(p, _)| *p == path)
+            .and_then(|(_, n)| *n)
+    }
+
     fn byte(&mut self) -> Result<u8, Stop> {
         let mut b = [0u8];
         self.input.read_exact(&mut b).map_err(|_| Stop::Malformed)?;
@@ -90,8 +116,8 @@ impl<R: Read> Walker<R> {
         Ok(())
     }
 
-    /// A value of type `kind`, consumed as the crate consumes it; integers are returned.
-    fn value(&mut self, kind: u8, depth: usize) -> Result<i64, Stop> {
+    /// A value of type `kind`, consumed as the crate consumes it.
+    fn value(&mut self, kind: u8, depth: usize) -> Result<(), Stop> {
         if depth > MAX_DEPTH {
             return Err(Stop::Malformed);
         }
@@ -101,7 +127,14 @@ impl<R: Read> Walker<R> {
             BYTE => {
                 self.byte()?;
             }
-            I16 | I32 | I64 => return Ok(zigzag(self.varint()?)),
+            I16 | I32 | I64 => {
+                let n = zigzag(self.varint()?);
+                for (path, found) in &mut self.wanted {
+                    if *path == self.path.as_slice() {
+                        *found = Some(n);
+                    }
+                }
+            }
             DOUBLE => self.skip(8)?,
             BINARY => {
                 let n = self.varint()?;
@@ -111,7 +144,7 @@ impl<R: Read> Walker<R> {
                 let header = self.byte()?;
                 // Some writers give an empty list the header 0.
                 if header == 0 {
-                    return Ok(0);
+                    return Ok(());
                 }
                 let element = header & 0x0f;
                 let n = match header >> 4 {
@@ -144,23 +177,21 @@ impl<R: Read> Walker<R> {
                     }
                 }
             }
-            STRUCT => {
-                self.fields(depth + 1, None)?;
-            }
+            STRUCT => self.fields(depth + 1)?,
             UUID => self.skip(16)?,
             _ => return Err(Stop::Malformed),
         }
-        Ok(0)
+        Ok(())
     }
 
-    /// A struct's fields up to its stop byte; the value of integer field `wanted`, if present.
-    fn fields(&mut self, depth: usize, wanted: Option<i16>) -> Result<Option<i64>, Stop> {
-        let (mut last_id, mut found) = (0i16, None);
+    /// A struct's fields up to its stop byte.
+    fn fields(&mut self, depth: usize) -> Result<(), Stop> {
+        let mut last_id = 0i16;
         loop {
             let header = self.byte()?;
             let kind = header & 0x0f;
             if kind == 0 {
-                return Ok(found);
+                return Ok(());
             }
             let id = match header >> 4 {
                 0 => zigzag(self.varint()?) as i16,
@@ -169,10 +200,10 @@ impl<R: Read> Walker<R> {
                     .ok_or(Stop::Malformed)?,
             };
             self.spend(1)?;
-            let value = self.value(kind, depth)?;
-            if Some(id) == wanted && kind == I32 {
-                found = Some(value);
-            }
+            self.path.push(id);
+            let value = self.value(kind, depth);
+            self.path.pop();
+            value?;
             last_id = id;
         }
     }
@@ -208,12 +239,11 @@ pub fn check_footer(mut file: &std::fs::File, shown: &str) -> Result<()> {
     }
     file.seek(SeekFrom::Start(len - 8 - footer_len))
         .map_err(|e| unreadable(shown, e))?;
-    let mut walker = Walker {
-        input: BufReader::new(file.take(footer_len)),
-        consumed: 0,
-        budget: budget_for(footer_len),
-    };
-    let walked = walker.fields(0, None);
+    let mut walker = Walker::new(
+        BufReader::new(file.take(footer_len)),
+        budget_for(footer_len),
+    );
+    let walked = walker.fields(0);
     file.seek(SeekFrom::Start(0))
         .map_err(|e| unreadable(shown, e))?;
     if let Err(Stop::TooMany { claimed }) = walked {
@@ -224,14 +254,16 @@ pub fn check_footer(mut file: &std::fs::File, shown: &str) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a file whose page headers claim more Thrift elements than the file could hold, walking
-/// each column chunk's pages as the crate will read them.
+/// Refuses a file whose page headers claim more Thrift elements than the file could hold, or whose
+/// dictionary page claims more values than its bytes could hold (the crate allocates them all
+/// before decoding one), walking each column chunk's pages as the crate will read them.
 pub fn check_page_headers(file: &std::fs::File, meta: &ParquetMetaData, shown: &str) -> Result<()> {
     let len = file.metadata().map_err(|e| unreadable(shown, e))?.len();
     // One budget for the whole file: its page headers together are no larger than it.
     let mut budget = budget_for(len);
     for group in meta.row_groups() {
         for column in group.columns() {
+            let name = || column.column_path().string();
             let start = column
                 .dictionary_page_offset()
                 .unwrap_or(column.data_page_offset());
@@ -248,22 +280,48 @@ pub fn check_page_headers(file: &std::fs::File, meta: &ParquetMetaData, shown: &
                 reader
                     .seek(SeekFrom::Start(at))
                     .map_err(|e| unreadable(shown, e))?;
-                let mut walker = Walker {
-                    input: BufReader::with_capacity(4096, reader.take(end - at)),
-                    consumed: 0,
-                    budget,
-                };
-                let walked = walker.fields(0, Some(COMPRESSED_PAGE_SIZE));
+                let input = BufReader::with_capacity(4096, reader.take(end - at));
+                let mut walker = Walker::new(input, budget);
+                walker.wanted = [
+                    PAGE_TYPE,
+                    UNCOMPRESSED_PAGE_SIZE,
+                    COMPRESSED_PAGE_SIZE,
+                    DICTIONARY_NUM_VALUES,
+                ]
+                .map(|p| (p, None))
+                .to_vec();
+                let walked = walker.fields(0);
                 budget = walker.budget;
                 match walked {
-                    Ok(Some(data)) if data >= 0 => at += walker.consumed + data as u64,
                     Err(Stop::TooMany { claimed }) => bail!(
                         "{shown}: corrupt Parquet page header in column `{}` (byte {at}): a Thrift list claims {claimed} elements, more than the file could hold",
-                        column.column_path().string()
+                        name()
                     ),
-                    // Malformed, or no page size: the crate stops there too, with its own error.
-                    _ => break,
+                    // The crate stops there too, with its own error.
+                    Err(Stop::Malformed) => break,
+                    Ok(()) => {}
                 }
+                let Some(data) = walker.found(COMPRESSED_PAGE_SIZE).filter(|&n| n >= 0) else {
+                    break;
+                };
+                if walker.found(PAGE_TYPE) == Some(DICTIONARY_PAGE) {
+                    // The bytes the crate decodes the values from: the page as stored, or inflated
+                    // to the size the header gives (the crate checks it is that size).
+                    let bytes = match column.compression() {
+                        Compression::UNCOMPRESSED => Some(data),
+                        _ => walker.found(UNCOMPRESSED_PAGE_SIZE),
+                    };
+                    let values = walker.found(DICTIONARY_NUM_VALUES).unwrap_or(0);
+                    let room = bytes.unwrap_or(0).max(0) as u64 * 8 / min_value_bits(column);
+                    if values > 0 && values as u64 > room {
+                        bail!(
+                            "{shown}: corrupt Parquet dictionary page in column `{}` (byte {at}): {values} values in {} bytes",
+                            name(),
+                            bytes.unwrap_or(0)
+                        );
+                    }
+                }
+                at += walker.consumed + data as u64;
             }
         }
     }
@@ -274,30 +332,42 @@ pub fn check_page_headers(file: &std::fs::File, meta: &ParquetMetaData, shown: &
     Ok(())
 }
 
+/// The fewest bits one plain-encoded value of `column`'s type takes.
+fn min_value_bits(column: &ColumnChunkMetaData) -> u64 {
+    match column.column_type() {
+        PhysicalType::BOOLEAN => 1,
+        PhysicalType::INT32 | PhysicalType::FLOAT | PhysicalType::BYTE_ARRAY => 32,
+        PhysicalType::INT64 | PhysicalType::DOUBLE => 64,
+        PhysicalType::INT96 => 96,
+        PhysicalType::FIXED_LEN_BYTE_ARRAY => 8 * column.column_descr().type_length().max(1) as u64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn walk(bytes: &[u8], wanted: Option<i16>) -> Result<Option<i64>, Stop> {
-        let mut w = Walker {
-            input: bytes,
-            consumed: 0,
-            budget: budget_for(bytes.len() as u64),
-        };
-        w.fields(0, wanted)
+    /// Walks `bytes` as a struct: the integer at `path`, if any.
+    fn walk(bytes: &[u8], path: &'static [i16]) -> Result<Option<i64>, Stop> {
+        let mut w = Walker::new(bytes, budget_for(bytes.len() as u64));
+        w.wanted = vec![(path, None)];
+        w.fields(0)?;
+        Ok(w.found(path))
     }
 
     #[test]
     fn a_well_formed_struct_is_walked_to_its_end_and_its_field_read() {
-        // field 1: i32 -3; field 2: list of 3 i64; field 3: i32 100; field 4: struct {bool};
+        // field 1: i32 -3; field 2: list of 3 i64; field 3: i32 100; field 4: struct {i32 7};
         // field 5: binary "ab"; field 7 (delta 0, id by varint): map {i32: double}; stop.
         let bytes = [
-            0x15, 0x05, 0x19, 0x36, 0x02, 0x04, 0x06, 0x15, 0xc8, 0x01, 0x1c, 0x11, 0x00, 0x18,
-            0x02, b'a', b'b', 0x0b, 0x0e, 0x01, 0x57, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0x00,
+            0x15, 0x05, 0x19, 0x36, 0x02, 0x04, 0x06, 0x15, 0xc8, 0x01, 0x1c, 0x15, 0x0e, 0x00,
+            0x18, 0x02, b'a', b'b', 0x0b, 0x0e, 0x01, 0x57, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0x00,
         ];
-        assert_eq!(walk(&bytes, Some(3)), Ok(Some(100)));
-        assert_eq!(walk(&bytes, Some(1)), Ok(Some(-3)));
-        assert_eq!(walk(&bytes[..bytes.len() - 1], None), Err(Stop::Malformed));
+        assert_eq!(walk(&bytes, &[3]), Ok(Some(100)));
+        assert_eq!(walk(&bytes, &[1]), Ok(Some(-3)));
+        assert_eq!(walk(&bytes, &[4, 1]), Ok(Some(7)));
+        assert_eq!(walk(&bytes, &[1, 1]), Ok(None));
+        assert_eq!(walk(&bytes[..bytes.len() - 1], &[]), Err(Stop::Malformed));
     }
 
     #[test]
@@ -305,26 +375,26 @@ mod tests {
         // field 1: a list of 2^31 - 1 booleans in 7 bytes (the crate would loop 2^31 times).
         let bytes = [0x19, 0xf1, 0xff, 0xff, 0xff, 0xff, 0x07, 0x00];
         assert_eq!(
-            walk(&bytes, None),
+            walk(&bytes, &[]),
             Err(Stop::TooMany {
                 claimed: i32::MAX as u64
             })
         );
         // A short one is walked as the crate reads it: no bytes for its booleans.
-        assert_eq!(walk(&[0x19, 0x51, 0x00], None), Ok(None));
+        assert_eq!(walk(&[0x19, 0x51, 0x00], &[]), Ok(None));
         // A map of booleans to booleans, and lists of lists, are counted the same way.
         assert!(matches!(
-            walk(&[0x1b, 0xff, 0xff, 0x03, 0x11, 0x00], None),
+            walk(&[0x1b, 0xff, 0xff, 0x03, 0x11, 0x00], &[]),
             Err(Stop::TooMany { .. })
         ));
         let nested = [0x19, 0x39, 0xf1, 0xff, 0x01, 0x01, 0x01, 0x00];
-        assert!(matches!(walk(&nested, None), Err(Stop::TooMany { .. })));
+        assert!(matches!(walk(&nested, &[]), Err(Stop::TooMany { .. })));
     }
 
     #[test]
     fn nesting_past_the_crates_depth_is_left_to_the_crate() {
         let mut bytes = vec![0x1c; MAX_DEPTH + 2];
         bytes.extend(vec![0x00; MAX_DEPTH + 3]);
-        assert_eq!(walk(&bytes, None), Err(Stop::Malformed));
+        assert_eq!(walk(&bytes, &[]), Err(Stop::Malformed));
     }
 }
