@@ -38,7 +38,7 @@ const PAGE_TYPE: &[i16] = &[1];
 const UNCOMPRESSED_PAGE_SIZE: &[i16] = &[2];
 const COMPRESSED_PAGE_SIZE: &[i16] = &[3];
 const DICTIONARY_NUM_VALUES: &[i16] = &[7, 1];
-const DICTIONARY_PAGE: i64 = 2;
+const DICTIONARY_PAGE: i32 = 2;
 
 /// Why a walk stopped early.
 #[derive(Debug, PartialEq)]
@@ -56,7 +56,7 @@ struct Walker<R> {
     consumed: u64,
     budget: u64,
     path: Vec<i16>,
-    wanted: Vec<(&'static [i16], Option<i64>)>,
+    wanted: Vec<(&'static [i16], Option<i32>)>,
 }
 
 impl<R: Read> Walker<R> {
@@ -71,7 +71,7 @@ impl<R: Read> Walker<R> {
     }
 
     /// The integer at `path`, if the walk met one there.
-    fn found(&self, path: &[i16]) -> Option<i64> {
+    fn found(&self, path: &[i16]) -> Option<i32> {
         self.wanted
             .iter()
             .find(|(p, _)| *p == path)
@@ -128,7 +128,8 @@ impl<R: Read> Walker<R> {
                 self.byte()?;
             }
             I16 | I32 | I64 => {
-                let n = zigzag(self.varint()?);
+                // The fields wanted are i32s, which the crate truncates to 32 bits.
+                let n = zigzag(self.varint()?) as i32;
                 for (path, found) in &mut self.wanted {
                     if *path == self.path.as_slice() {
                         *found = Some(n);
@@ -348,7 +349,7 @@ mod tests {
     use super::*;
 
     /// Walks `bytes` as a struct: the integer at `path`, if any.
-    fn walk(bytes: &[u8], path: &'static [i16]) -> Result<Option<i64>, Stop> {
+    fn walk(bytes: &[u8], path: &'static [i16]) -> Result<Option<i32>, Stop> {
         let mut w = Walker::new(bytes, budget_for(bytes.len() as u64));
         w.wanted = vec![(path, None)];
         w.fields(0)?;
@@ -367,6 +368,9 @@ mod tests {
         assert_eq!(walk(&bytes, &[1]), Ok(Some(-3)));
         assert_eq!(walk(&bytes, &[4, 1]), Ok(Some(7)));
         assert_eq!(walk(&bytes, &[1, 1]), Ok(None));
+        // An i32 whose varint runs past 32 bits is truncated, as the crate reads it: 2^33 + 6 → 3.
+        let long = [0x15, 0x86, 0x80, 0x80, 0x80, 0x20, 0x00];
+        assert_eq!(walk(&long, &[1]), Ok(Some(3)));
         assert_eq!(walk(&bytes[..bytes.len() - 1], &[]), Err(Stop::Malformed));
     }
 
