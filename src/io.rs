@@ -108,7 +108,7 @@ pub fn one_line_error(e: &anyhow::Error) -> String {
 }
 
 /// `text` with control characters escaped (`\u{1b}`), cut at [`MAX_ERROR_PART_CHARS`].
-fn printable(text: &str) -> String {
+pub fn printable(text: &str) -> String {
     let mut out = String::new();
     let mut shown = 0;
     for c in text.chars() {

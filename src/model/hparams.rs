@@ -702,8 +702,12 @@ fn parse_rope_scaling(v: Option<&Value>, ctx: RopeContext) -> Result<RopeScaling
                 .unwrap_or_default();
             if !keys.is_empty() {
                 // transformers reads this as the default rope too, and warns the same way.
+                // A few keys, escaped and cut: the file may hold thousands.
+                let shown = format!("{:?}", &keys[..keys.len().min(4)]);
+                let more = if keys.len() > 4 { " and more" } else { "" };
                 eprintln!(
-                    "note: rope_scaling has no rope_type, so {keys:?} are not used (plain RoPE)"
+                    "note: rope_scaling has no rope_type, so {}{more} are not used (plain RoPE)",
+                    crate::io::printable(&shown)
                 );
             }
             "default"
