@@ -218,6 +218,13 @@ fn unreadable(shown: &str, e: std::io::Error) -> anyhow::Error {
     anyhow::anyhow!("cannot read {shown}: {e}")
 }
 
+/// Moves `file`'s shared position (the crate's reader seeks before each read of its own).
+fn seek(mut file: &std::fs::File, to: u64, shown: &str) -> Result<()> {
+    file.seek(SeekFrom::Start(to))
+        .map_err(|e| unreadable(shown, e))?;
+    Ok(())
+}
+
 /// What a valid file's structures can hold: every element takes a byte, and so does every field.
 fn budget_for(bytes: u64) -> u64 {
     2 * bytes + 64
@@ -238,15 +245,13 @@ pub fn check_footer(mut file: &std::fs::File, shown: &str) -> Result<()> {
     if &tail[4..] != b"PAR1" || footer_len + 8 > len {
         return Ok(());
     }
-    file.seek(SeekFrom::Start(len - 8 - footer_len))
-        .map_err(|e| unreadable(shown, e))?;
+    seek(file, len - 8 - footer_len, shown)?;
     let mut walker = Walker::new(
         BufReader::new(file.take(footer_len)),
         budget_for(footer_len),
     );
     let walked = walker.fields(0);
-    file.seek(SeekFrom::Start(0))
-        .map_err(|e| unreadable(shown, e))?;
+    seek(file, 0, shown)?;
     if let Err(Stop::TooMany { claimed }) = walked {
         bail!(
             "{shown}: corrupt Parquet footer: a Thrift list claims {claimed} elements, more than its {footer_len} bytes could hold"
@@ -277,11 +282,8 @@ pub fn check_page_headers(file: &std::fs::File, meta: &ParquetMetaData, shown: &
             let end = start.saturating_add(size).min(len);
             let mut at = start;
             while at < end {
-                let mut reader = file;
-                reader
-                    .seek(SeekFrom::Start(at))
-                    .map_err(|e| unreadable(shown, e))?;
-                let input = BufReader::with_capacity(4096, reader.take(end - at));
+                seek(file, at, shown)?;
+                let input = BufReader::with_capacity(4096, file.take(end - at));
                 let mut walker = Walker::new(input, budget);
                 walker.wanted = [
                     PAGE_TYPE,
@@ -326,11 +328,7 @@ pub fn check_page_headers(file: &std::fs::File, meta: &ParquetMetaData, shown: &
             }
         }
     }
-    let mut reader = file;
-    reader
-        .seek(SeekFrom::Start(0))
-        .map_err(|e| unreadable(shown, e))?;
-    Ok(())
+    seek(file, 0, shown)
 }
 
 /// The fewest bits one plain-encoded value of `column`'s type takes.
