@@ -1,6 +1,7 @@
 //! Small file helpers: JSON writing and all-or-nothing output directories.
 
 use anyhow::{bail, Context, Result};
+use std::cell::Cell;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 
@@ -196,14 +197,34 @@ pub fn require_regular_file(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f`, turning a panic inside it (in a dependency, on input it did not expect) into None,
-/// without the panic's message on stderr.
-pub fn without_panics<T>(f: impl FnOnce() -> T) -> Option<T> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok();
-    std::panic::set_hook(hook);
-    out
+/// Runs `f`, turning a panic inside it (in a dependency, on input it did not expect) into
+/// `Err(message)`. The panic hook is wrapped once for the process, and a thread-local flag keeps
+/// a panic caught here quiet: a panic on another thread meanwhile still reaches the previous hook.
+pub fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::thread_local! {
+        static QUIET: Cell<bool> = const { Cell::new(false) };
+    }
+    static WRAP_HOOK: std::sync::Once = std::sync::Once::new();
+    WRAP_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    let was_quiet = QUIET.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was_quiet));
+    result.map_err(|payload| {
+        if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "a panic without a message".to_owned()
+        }
+    })
 }
 
 #[cfg(test)]

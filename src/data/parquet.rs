@@ -9,10 +9,7 @@ use ::parquet::file::reader::{FileReader, SerializedFileReader};
 use ::parquet::record::{Field, Row};
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Number, Value};
-use std::cell::Cell;
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::Once;
 
 /// Reads every row of a Parquet file as a JSON object (column name → value), in file order, with its
 /// 1-based row number, so the rest of the data pipeline handles JSONL and Parquet the same way.
@@ -34,7 +31,7 @@ pub fn read_parquet(path: &Path) -> Result<Vec<(usize, Value)>> {
     // The crate's row decoder panics instead of erroring on some corrupt data (definition levels out of
     // range, say), so decoding runs under `without_panics`: a corrupt file gives an error, not a crash.
     let mut out = Vec::new();
-    let decoded = without_panics(|| -> Result<()> {
+    let decoded = crate::io::without_panics(|| -> Result<()> {
         let name = shown.to_string();
         // Before the crate decodes a Thrift structure: it can spin for hours on a tiny one.
         super::parquet_thrift::check_footer(&file, &name)?;
@@ -86,35 +83,6 @@ fn check_codecs(reader: &SerializedFileReader<std::fs::File>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Runs `f`, turning a panic into `Err(message)`. The panic hook is wrapped (once, for the process)
-/// so that a panic caught here prints nothing; every other panic still reaches the previous hook.
-fn without_panics<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
-    thread_local! {
-        static QUIET: Cell<bool> = const { Cell::new(false) };
-    }
-    static WRAP_HOOK: Once = Once::new();
-    WRAP_HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !QUIET.with(Cell::get) {
-                previous(info);
-            }
-        }));
-    });
-    let was_quiet = QUIET.with(|q| q.replace(true));
-    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
-    QUIET.with(|q| q.set(was_quiet));
-    result.map_err(|payload| {
-        if let Some(s) = payload.downcast_ref::<&str>() {
-            (*s).to_owned()
-        } else if let Some(s) = payload.downcast_ref::<String>() {
-            s.clone()
-        } else {
-            "the Parquet decoder failed".to_owned()
-        }
-    })
 }
 
 fn row_to_json(row: &Row) -> Value {

@@ -24,7 +24,7 @@ impl GgufFile {
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
         let file_len = f.metadata()?.len();
         // candle's reader panics on a few hostile headers (a zero `general.alignment`): contain it.
-        let read = crate::io::without_panics(|| Content::read(&mut f)).ok_or_else(|| {
+        let read = crate::io::without_panics(|| Content::read(&mut f)).map_err(|_| {
             anyhow::anyhow!(
                 "{}: not a valid GGUF file (its header is impossible, e.g. a zero alignment)",
                 path.display()

@@ -69,7 +69,7 @@ impl Tokenizer {
         crate::io::require_regular_file(&path)?;
         // The tokenizers library panics on some malformed files instead of returning an error.
         let inner = crate::io::without_panics(|| tokenizers::Tokenizer::from_file(&path))
-            .ok_or_else(|| anyhow!("{}: cannot load tokenizer: malformed", path.display()))?
+            .map_err(|_| anyhow!("{}: cannot load tokenizer: malformed", path.display()))?
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         // ...and on some that it loads, the first time they are used (a post-processor naming a
         // special token the file does not define): use it once here, where that is an error.
@@ -80,7 +80,7 @@ impl Tokenizer {
                 }
             }
         };
-        if crate::io::without_panics(probe).is_none() {
+        if crate::io::without_panics(probe).is_err() {
             bail!(
                 "{}: the tokenizer fails on a test sentence (a post-processor or decoder that names tokens it does not have?)",
                 path.display()
